@@ -1,0 +1,175 @@
+"""NATS connections and the JetStream topology Trinity runs on.
+
+The `ensure_*` functions create or update streams, consumers and object store
+buckets. They are idempotent, so every service calls them at start-up and a
+changed limit reaches a running deployment on its next rollout. The set is
+fixed: one durable consumer per queue, never one per job.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import nats
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BucketNotFoundError
+
+from trinity_common import names
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js import JetStreamContext
+    from nats.js.object_store import ObjectStore
+
+    from trinity_common.queues import QueueSettings
+    from trinity_common.settings import ConnectionSettings
+
+__all__ = [
+    "connect",
+    "ensure_status_consumer",
+    "ensure_streams",
+    "ensure_work_consumer",
+    "open_object_store",
+]
+
+logger = logging.getLogger(__name__)
+
+_DAY_S = 86_400.0
+
+
+async def connect(settings: ConnectionSettings, *, name: str) -> Client:
+    """Connect to NATS and keep reconnecting for as long as the process lives.
+
+    The first connection must succeed within the connect timeout, so a service
+    pointed at the wrong address fails at start-up; after that, an outage is
+    ridden out by reconnecting, and readiness reports it meanwhile.
+    """
+
+    async def on_disconnect() -> None:
+        logger.warning("nats disconnected")
+
+    async def on_reconnect() -> None:
+        logger.info("nats reconnected")
+
+    async def on_error(err: Exception) -> None:
+        logger.debug("nats connection error", extra={"error_type": type(err).__name__})
+
+    return await nats.connect(
+        servers=settings.nats_servers,
+        name=name,
+        connect_timeout=settings.nats_timeout_s,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        # Publishes made while disconnected fail at once instead of queueing
+        # behind a reconnect the caller cannot wait for.
+        pending_size=0,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        error_cb=on_error,
+    )
+
+
+def _stream_configs(*, replicas: int, max_jobs_per_queue: int) -> list[StreamConfig]:
+    return [
+        StreamConfig(
+            name=names.JOBS_STREAM,
+            subjects=[names.JOBS_SUBJECTS],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            # A full queue refuses new jobs; it never drops accepted ones. Each
+            # queue is one subject, so the per-subject limit bounds each queue.
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+            max_msgs_per_subject=max_jobs_per_queue,
+            duplicate_window=120.0,
+        ),
+        StreamConfig(
+            name=names.STATUS_STREAM,
+            subjects=[names.STATUS_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=7 * _DAY_S,
+            duplicate_window=120.0,
+        ),
+        StreamConfig(
+            name=names.DEAD_STREAM,
+            subjects=[names.DEAD_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=30 * _DAY_S,
+            duplicate_window=120.0,
+        ),
+    ]
+
+
+def _work_consumer(queue: QueueSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        name=queue.durable,
+        durable_name=queue.durable,
+        filter_subject=queue.subject,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=queue.ack_wait_s,
+        # Retries are spaced by the worker's delayed naks; a consumer backoff list
+        # would override ack_wait with its first value, so none is set.
+        max_deliver=queue.max_attempts,
+        max_ack_pending=-1,
+    )
+
+
+def _status_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        name=names.STATUS_CONSUMER,
+        durable_name=names.STATUS_CONSUMER,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=-1,
+        max_ack_pending=10_000,
+    )
+
+
+async def ensure_streams(
+    js: JetStreamContext, *, replicas: int = 1, max_jobs_per_queue: int = 100_000
+) -> None:
+    """Create or update Trinity's streams and object store buckets."""
+    for config in _stream_configs(replicas=replicas, max_jobs_per_queue=max_jobs_per_queue):
+        try:
+            await js.update_stream(config)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(config)
+    for bucket in (names.DATASETS_BUCKET, names.RESULTS_BUCKET):
+        await open_object_store(js, bucket, replicas=replicas)
+
+
+async def ensure_work_consumer(js: JetStreamContext, queue: QueueSettings) -> None:
+    """Create or update the durable pull consumer of ``queue``."""
+    await js.add_consumer(names.JOBS_STREAM, _work_consumer(queue))
+
+
+async def ensure_status_consumer(js: JetStreamContext) -> None:
+    """Create or update the durable consumer that projects status events."""
+    await js.add_consumer(names.STATUS_STREAM, _status_consumer())
+
+
+async def open_object_store(js: JetStreamContext, bucket: str, *, replicas: int = 1) -> ObjectStore:
+    """Return the Object Store ``bucket``, creating it when it does not exist yet."""
+    try:
+        return await js.object_store(bucket)
+    except BucketNotFoundError:
+        return await js.create_object_store(
+            bucket,
+            config=nats.js.api.ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas),
+        )

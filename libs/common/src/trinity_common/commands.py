@@ -1,0 +1,55 @@
+"""Commands: what a job asks its queue's service to do.
+
+A command is the contract between whoever submits a job (the gateway, or another
+service through `trinity_common.client`) and the service that runs it, so it lives
+here rather than in either. Each command is strict about its own fields: the
+gateway decodes client input into it and answers 4xx naming any bad field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+__all__ = ["AnalysisOptions", "Command", "RunAnalysis"]
+
+DatasetId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$", description="A dataset id.")]
+
+
+class AnalysisOptions(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How to read and profile a dataset. Every option has a working default."""
+
+    encoding: Annotated[str, msgspec.Meta(min_length=1, max_length=40)] | None = None
+    """Text encoding of the file; None reads a BOM if there is one, else strict UTF-8."""
+
+    delimiter: Annotated[str, msgspec.Meta(min_length=1, max_length=1)] | None = None
+    """Field separator of a delimited file; None sniffs among ``,``, ``;``, tab and ``|``."""
+
+    has_header: bool | None = None
+    """Whether the first row names the columns; None sniffs it."""
+
+    decimal_comma: bool | None = None
+    """Whether numbers use a decimal comma (``1.234,56``); None infers it."""
+
+    histogram_bins: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
+    """Number of equal-width bins in each numeric column's histogram."""
+
+    top_values: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    """How many of the most frequent values to list for each text column."""
+
+    correlations: bool = True
+    """Whether to compute Pearson correlations between numeric columns."""
+
+    max_correlation_columns: Annotated[int, msgspec.Meta(ge=2, le=2000)] = 500
+    """Numeric columns beyond this many are left out of the correlation matrix."""
+
+
+class RunAnalysis(msgspec.Struct, kw_only=True, frozen=True, tag="run_analysis"):
+    """Profile an uploaded dataset."""
+
+    dataset_id: DatasetId
+    options: AnalysisOptions = msgspec.field(default_factory=AnalysisOptions)
+
+
+Command = RunAnalysis

@@ -1,0 +1,99 @@
+"""PostgreSQL access: the connection pool and versioned schema migrations.
+
+Migrations are the numbered ``migrations/NNNN_*.sql`` files of this package,
+applied in order at start-up. A transaction-scoped advisory lock serialises
+them, so any number of replicas may start at once: the first applies what is
+missing, the others find nothing left to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import msgspec
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from asyncpg.pool import PoolConnectionProxy
+
+    from trinity_common.settings import ConnectionSettings
+
+__all__ = ["apply_migrations", "create_pool"]
+
+logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    Connection: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+    """A connection, whether held directly or borrowed from a pool."""
+
+# An arbitrary constant: the key of the advisory lock migrations hold.
+_MIGRATION_LOCK = 0x7472696E
+
+
+async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda value: msgspec.json.encode(value).decode(),
+        decoder=msgspec.json.decode,
+        schema="pg_catalog",
+    )
+
+
+async def create_pool(settings: ConnectionSettings) -> asyncpg.Pool:
+    """Open a pool sized and timed by ``settings``, with jsonb mapped to Python values.
+
+    A query that outlasts ``database_timeout_s`` is cancelled by the server, so a
+    slow or paused database makes requests fail fast instead of piling up.
+    """
+    timeout_ms = int(settings.database_timeout_s * 1000)
+    return await asyncpg.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.database_pool_max,
+        timeout=settings.database_timeout_s,
+        command_timeout=settings.database_timeout_s,
+        init=_init_connection,
+        server_settings={
+            "statement_timeout": str(timeout_ms),
+            "idle_in_transaction_session_timeout": str(timeout_ms * 2),
+            "application_name": "trinity",
+        },
+    )
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    folder = resources.files("trinity_common") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
+    """Apply every migration not yet applied; return the names of those applied."""
+    applied: list[str] = []
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, sql in _migrations():
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+            )
+            applied.append(name)
+    if applied:
+        logger.info("migrations applied", extra={"migrations": applied})
+    return applied

@@ -1,0 +1,92 @@
+"""Start-up and shutdown of a worker service, the same for every queue.
+
+A service's ``main`` names its queue and passes a handler provider: an async
+context manager that builds the handler (and whatever it holds, such as a
+process pool) and releases it on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import TYPE_CHECKING
+
+import uvloop
+
+from trinity_common import broker
+from trinity_common.database import apply_migrations, create_pool
+from trinity_common.logs import configure_logging
+from trinity_common.queues import load_queue_settings
+from trinity_common.settings import ConnectionSettings, load_settings
+from trinity_common.worker import Worker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from contextlib import AbstractAsyncContextManager
+
+    from trinity_common.queues import QueueSettings
+    from trinity_common.worker import Handler
+
+__all__ = ["run_worker_service", "serve_queue"]
+
+logger = logging.getLogger(__name__)
+
+
+async def serve_queue(
+    *,
+    service: str,
+    queue_name: str,
+    provide_handler: Callable[[QueueSettings], AbstractAsyncContextManager[Handler]],
+    env: Mapping[str, str],
+    stop: asyncio.Event,
+) -> None:
+    """Run ``queue_name``'s jobs until ``stop`` is set, then shut down gracefully."""
+    settings = load_settings(ConnectionSettings, env)
+    queue = load_queue_settings(queue_name, env)
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await broker.connect(settings, name=f"trinity-{service}")
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream(timeout=settings.nats_timeout_s)
+        await broker.ensure_streams(
+            js, replicas=settings.nats_replicas, max_jobs_per_queue=settings.queue_max_jobs
+        )
+        await broker.ensure_work_consumer(js, queue)
+
+        pool = await create_pool(settings)
+        stack.push_async_callback(pool.close)
+        await apply_migrations(pool)
+
+        handler = await stack.enter_async_context(provide_handler(queue))
+        worker = Worker(queue=queue, handler=handler, js=js, pool=pool)
+        logger.info("service started", extra={"queue": queue.name, "consumer": queue.durable})
+        await worker.run(stop)
+    logger.info("service stopped", extra={"queue": queue.name})
+
+
+def run_worker_service(
+    *,
+    service: str,
+    queue_name: str,
+    provide_handler: Callable[[QueueSettings], AbstractAsyncContextManager[Handler]],
+    env: Mapping[str, str],
+) -> None:
+    """Run a worker service in this process until SIGTERM or SIGINT."""
+    settings = load_settings(ConnectionSettings, env)
+    configure_logging(service=service, level=settings.log_level, log_format=settings.log_format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve_queue(
+            service=service,
+            queue_name=queue_name,
+            provide_handler=provide_handler,
+            env=env,
+            stop=stop,
+        )
+
+    uvloop.run(main())

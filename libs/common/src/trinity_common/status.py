@@ -1,0 +1,308 @@
+"""Status events: publishing them, and folding them into the job table.
+
+Every state change of a job is an event on the status stream. The projector is
+the only writer of a job's state after it was accepted: it reads the stream
+through a durable consumer and updates one row per job, so reading a job's
+status never scans history.
+
+Events may arrive twice or, with several projector replicas, out of order. The
+update is guarded so that neither matters: an event older than the last one
+applied (by stream sequence) changes nothing, a terminal state is never left,
+events of an earlier submission are ignored, and progress within one attempt
+never goes backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import msgspec
+import nats.errors
+
+from trinity_common import names
+from trinity_common.messages import (
+    JobAccepted,
+    JobCancelled,
+    JobFailed,
+    JobProgressed,
+    JobRetried,
+    JobStarted,
+    JobSucceeded,
+    StatusEvent,
+)
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+
+    from trinity_common.database import Connection
+
+__all__ = ["StatusProjector", "publish_status"]
+
+logger = logging.getLogger(__name__)
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(StatusEvent)
+
+
+async def publish_status(js: JetStreamContext, event: StatusEvent, *, ack_timeout_s: float) -> None:
+    """Publish ``event`` on its queue's status subject and wait for the stream's ack."""
+    await js.publish(
+        names.status_subject(event.queue),
+        _encoder.encode(event),
+        timeout=ack_timeout_s,
+        stream=names.STATUS_STREAM,
+    )
+
+
+class _Change(msgspec.Struct, kw_only=True, frozen=True):
+    """The columns one event sets; None keeps the stored value."""
+
+    state: str
+    attempt: int | None = None
+    max_attempts: int | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    progress_percent: float | None = None
+    progress_message: str | None = None
+    summary: dict[str, Any] | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    command: dict[str, Any] | None = None
+    outcome: str | None = None
+    worker: str | None = None
+
+
+def _change_of(event: StatusEvent) -> _Change:
+    match event:
+        case JobAccepted():
+            return _Change(state="queued", max_attempts=event.max_attempts, command=event.command)
+        case JobStarted():
+            return _Change(
+                state="running",
+                attempt=event.attempt,
+                max_attempts=event.max_attempts,
+                started_at=event.at,
+                heartbeat_at=event.at,
+                progress_percent=0.0,
+                progress_message="started",
+                worker=event.worker,
+            )
+        case JobProgressed():
+            return _Change(
+                state="running",
+                attempt=event.attempt,
+                heartbeat_at=event.at,
+                progress_percent=event.percent,
+                progress_message=event.message,
+            )
+        case JobRetried():
+            return _Change(
+                state="retrying",
+                attempt=event.attempt,
+                error_type=event.error_type,
+                error_message=event.error_message,
+                outcome="retried",
+            )
+        case JobSucceeded():
+            return _Change(
+                state="succeeded",
+                attempt=event.attempt or None,
+                finished_at=event.at,
+                progress_percent=100.0,
+                progress_message="done",
+                summary=event.summary,
+                outcome="succeeded",
+            )
+        case JobFailed():
+            return _Change(
+                state="failed",
+                attempt=event.attempt or None,
+                finished_at=event.at,
+                error_type=event.error_type,
+                error_message=event.error_message,
+                outcome="failed",
+            )
+        case JobCancelled():
+            return _Change(
+                state="cancelled",
+                finished_at=event.at,
+                error_type="cancelled",
+                error_message=event.reason,
+                outcome="cancelled",
+            )
+
+
+# One statement for every event type: the guard in the WHERE clause is the
+# whole of the ordering logic, so it is written once.
+_APPLY_TO_JOB = """
+INSERT INTO jobs AS j (
+    job_id, queue, state, submission, attempt, max_attempts, command, created_at,
+    started_at, finished_at, heartbeat_at, progress_percent, progress_message,
+    summary, error_type, error_message, last_event_seq)
+VALUES (
+    $1, $2, $3, $4, coalesce($5, 0), coalesce($6, 1), coalesce($7, '{}'::jsonb), $8,
+    $9, $10, $11, coalesce($12, 0), coalesce($13, ''), $14, $15, $16, $17)
+ON CONFLICT (job_id) DO UPDATE SET
+    state = EXCLUDED.state,
+    attempt = coalesce($5, j.attempt),
+    max_attempts = coalesce($6, j.max_attempts),
+    started_at = coalesce(j.started_at, EXCLUDED.started_at),
+    finished_at = coalesce(EXCLUDED.finished_at, j.finished_at),
+    heartbeat_at = greatest(j.heartbeat_at, EXCLUDED.heartbeat_at),
+    progress_percent = CASE
+        WHEN $12::real IS NULL THEN j.progress_percent
+        WHEN $5 IS NOT DISTINCT FROM j.attempt AND EXCLUDED.state = 'running'
+            THEN greatest(j.progress_percent, $12)
+        ELSE $12 END,
+    progress_message = CASE
+        WHEN $13::text IS NULL THEN j.progress_message
+        WHEN $5 IS NOT DISTINCT FROM j.attempt AND EXCLUDED.state = 'running'
+             AND $12 < j.progress_percent THEN j.progress_message
+        ELSE $13 END,
+    summary = coalesce(EXCLUDED.summary, j.summary),
+    error_type = coalesce(EXCLUDED.error_type, j.error_type),
+    error_message = coalesce(EXCLUDED.error_message, j.error_message),
+    last_event_seq = EXCLUDED.last_event_seq,
+    updated_at = now()
+WHERE j.state NOT IN ('succeeded', 'failed', 'cancelled')
+  AND j.submission <= EXCLUDED.submission
+  AND j.last_event_seq < EXCLUDED.last_event_seq
+  AND coalesce($5, j.attempt) >= j.attempt
+  -- 'queued' only ever creates the record; it may trail the job's first events.
+  AND (EXCLUDED.state <> 'queued' OR j.state = 'queued')
+"""
+
+_APPLY_TO_ATTEMPT = """
+INSERT INTO job_attempts AS a (
+    job_id, submission, attempt, worker, started_at, finished_at, outcome,
+    error_type, error_message)
+VALUES ($1, $2, $3, coalesce($4, ''), $5, $6, $7, $8, $9)
+ON CONFLICT (job_id, submission, attempt) DO UPDATE SET
+    worker = CASE WHEN a.worker = '' THEN EXCLUDED.worker ELSE a.worker END,
+    started_at = least(a.started_at, EXCLUDED.started_at),
+    finished_at = coalesce(a.finished_at, EXCLUDED.finished_at),
+    outcome = coalesce(a.outcome, EXCLUDED.outcome),
+    error_type = coalesce(a.error_type, EXCLUDED.error_type),
+    error_message = coalesce(a.error_message, EXCLUDED.error_message)
+"""
+
+
+async def apply_event(conn: Connection, event: StatusEvent, *, seq: int) -> None:
+    """Fold one status event, at stream sequence ``seq``, into the job tables."""
+    change = _change_of(event)
+    await conn.execute(
+        _APPLY_TO_JOB,
+        event.job_id,
+        event.queue,
+        change.state,
+        event.submission,
+        change.attempt,
+        change.max_attempts,
+        change.command,
+        event.at,
+        change.started_at,
+        change.finished_at,
+        change.heartbeat_at,
+        change.progress_percent,
+        change.progress_message,
+        change.summary,
+        change.error_type,
+        change.error_message,
+        seq,
+    )
+    if event.attempt > 0 and (change.worker is not None or change.outcome is not None):
+        await conn.execute(
+            _APPLY_TO_ATTEMPT,
+            event.job_id,
+            event.submission,
+            event.attempt,
+            change.worker,
+            change.started_at or event.at,
+            event.at if change.outcome else None,
+            change.outcome,
+            change.error_type,
+            change.error_message,
+        )
+
+
+class StatusProjector:
+    """Reads the status stream and keeps the job table current.
+
+    Several replicas may run it at once: they share one durable consumer, and the
+    guarded update makes the order they apply events in irrelevant.
+    """
+
+    def __init__(
+        self, *, js: JetStreamContext, pool: asyncpg.Pool, batch: int = 256, retry_s: float = 1.0
+    ) -> None:
+        self._js = js
+        self._pool = pool
+        self._batch = batch
+        self._retry_s = retry_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Project events until ``stop`` is set."""
+        sub = await self._js.pull_subscribe_bind(
+            durable=names.STATUS_CONSUMER, stream=names.STATUS_STREAM
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(self._batch, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue  # nothing to project yet
+                except (nats.errors.ConnectionClosedError, nats.errors.NoServersError):
+                    raise
+                except nats.errors.Error as err:
+                    logger.debug("status fetch failed", extra={"error_type": type(err).__name__})
+                    await _wait_or_stop(stop, self._retry_s)
+                    continue
+                await self._project(msgs)
+        finally:
+            await sub.unsubscribe()
+
+    async def _project(self, msgs: list[Msg]) -> None:
+        events = [(msg, self._decode(msg)) for msg in msgs]
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                for msg, event in events:
+                    if event is not None:
+                        await apply_event(conn, event, seq=msg.metadata.sequence.stream)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+            # The database is unavailable: hand the batch back for later.
+            logger.warning("status projection deferred", extra={"error_type": type(err).__name__})
+            for msg, _ in events:
+                await _settle(msg.nak(delay=self._retry_s))
+            return
+        for msg, _ in events:
+            await _settle(msg.ack())
+
+    @staticmethod
+    def _decode(msg: Msg) -> StatusEvent | None:
+        try:
+            return _decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            logger.exception("undecodable status event dropped", extra={"subject": msg.subject})
+            return None
+
+
+async def _settle(operation: Any) -> None:
+    # An ack or nak lost to a disconnect only means the event is delivered again,
+    # which the guarded update absorbs.
+    try:
+        await operation
+    except nats.errors.Error as err:
+        logger.debug("status ack lost", extra={"error_type": type(err).__name__})
+
+
+async def _wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return

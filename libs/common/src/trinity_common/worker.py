@@ -1,0 +1,409 @@
+"""The worker runtime every Trinity service runs on.
+
+A service supplies a handler per queue; this module does everything else:
+fetching from the queue's durable pull consumer, status events, heartbeats,
+the per-attempt timeout, storing the result once, and the one decision of what
+to do with the message afterwards (`_settle`): ack, nak with backoff, or fail
+and dead-letter.
+
+Delivery is at least once; the runtime makes it effectively once. A result is
+written once (the insert ignores a second one) before the message is acked,
+and a redelivered job whose result is already stored is acked without running
+the handler again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+import msgspec
+import nats.errors
+
+from trinity_common import names
+from trinity_common.deadletter import DeadLetter, publish_dead_letter
+from trinity_common.errors import PermanentJobError, RetryableJobError
+from trinity_common.logs import bind_job_context
+from trinity_common.messages import (
+    JobEnvelope,
+    JobFailed,
+    JobProgressed,
+    JobRetried,
+    JobStarted,
+    JobSucceeded,
+    StatusEvent,
+    utc_now,
+)
+from trinity_common.status import publish_status
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+
+    from trinity_common.commands import Command
+    from trinity_common.queues import QueueSettings
+
+__all__ = ["Handler", "JobContext", "JobResult", "Worker"]
+
+logger = logging.getLogger(__name__)
+
+_envelope_decoder = msgspec.json.Decoder(JobEnvelope)
+_json = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobResult:
+    """What a handler returns."""
+
+    data: Any
+    """The full result, stored once per job; anything msgspec can encode as JSON."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+    """A few headline figures, shown on the job's status document."""
+
+
+@dataclass(kw_only=True)
+class _Outcome:
+    kind: str  # "succeeded" | "retry" | "failed"
+    result: JobResult | None = None
+    error_type: str = ""
+    error_message: str = ""
+    delay_s: float | None = None
+
+
+class JobContext:
+    """What a handler knows of the job it runs, and how it reports progress."""
+
+    def __init__(
+        self, *, envelope: JobEnvelope, queue: QueueSettings, attempt: int, worker: Worker
+    ) -> None:
+        self.job_id = envelope.job_id
+        self.command: Command = envelope.command
+        self.queue = queue
+        self.attempt = attempt
+        self.envelope = envelope
+        self.js = worker.js
+        self.pool = worker.pool
+        self.percent = 0.0
+        self.message = "started"
+        self._worker = worker
+        self._published_at = 0.0
+
+    async def report_progress(self, percent: float, message: str = "") -> None:
+        """Record progress; it reaches the status stream at most twice a second.
+
+        Progress never goes backwards within an attempt: a lower figure is ignored.
+        """
+        if percent < self.percent:
+            return
+        self.percent, self.message = min(percent, 100.0), message
+        now = asyncio.get_running_loop().time()
+        if now - self._published_at >= 0.5:
+            self._published_at = now
+            await self._worker.publish_progress(self)
+
+
+Handler: TypeAlias = Callable[[JobContext], Awaitable[JobResult]]
+"""A queue's job function: runs one attempt and returns its result, or raises."""
+
+
+class Worker:
+    """Runs one queue's jobs with one handler, ``queue.concurrency`` at a time."""
+
+    def __init__(
+        self,
+        *,
+        queue: QueueSettings,
+        handler: Handler,
+        js: JetStreamContext,
+        pool: asyncpg.Pool,
+        shutdown_grace_s: float = 10.0,
+        publish_timeout_s: float = 2.0,
+    ) -> None:
+        self.queue = queue
+        self.js = js
+        self.pool = pool
+        self._handler = handler
+        self._grace_s = shutdown_grace_s
+        self._publish_timeout_s = publish_timeout_s
+        self._name = f"{socket.gethostname()}:{os.getpid()}"
+        self._running: set[asyncio.Task[None]] = set()
+        self.last_fetch_at = 0.0
+        """Event-loop time of the last fetch that reached the server; for readiness."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch and run jobs until ``stop`` is set, then shut down gracefully."""
+        sub = await self.js.pull_subscribe_bind(
+            durable=self.queue.durable, stream=names.JOBS_STREAM
+        )
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                free = self.queue.concurrency - len(self._running)
+                if free <= 0:
+                    await asyncio.wait({stopped, *self._running}, return_when="FIRST_COMPLETED")
+                    continue
+                for msg in await self._fetch(sub, free, stop):
+                    task = asyncio.create_task(self._process(msg))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+        finally:
+            stopped.cancel()
+            await self._drain()
+            await sub.unsubscribe()
+
+    async def _fetch(self, sub: Any, count: int, stop: asyncio.Event) -> list[Msg]:
+        # Fetch only what can start now: a message waiting in this process's
+        # hands would burn its ack deadline while another process sits idle.
+        try:
+            msgs: list[Msg] = await sub.fetch(count, timeout=1.0)
+        except nats.errors.TimeoutError:
+            self.last_fetch_at = asyncio.get_running_loop().time()
+            return []  # nothing queued yet
+        except (nats.errors.ConnectionClosedError, nats.errors.NoServersError):
+            raise
+        except nats.errors.Error as err:
+            logger.debug("fetch failed", extra={"error_type": type(err).__name__})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            return []
+        self.last_fetch_at = asyncio.get_running_loop().time()
+        return msgs
+
+    async def _drain(self) -> None:
+        if not self._running:
+            return
+        logger.info("waiting for running jobs", extra={"jobs": len(self._running)})
+        _, pending = await asyncio.wait(set(self._running), timeout=self._grace_s)
+        if pending:
+            logger.warning("shutdown grace over, handing jobs back", extra={"jobs": len(pending)})
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=self._publish_timeout_s * 2)
+
+    async def _process(self, msg: Msg) -> None:
+        attempt = msg.metadata.num_delivered
+        try:
+            envelope = _envelope_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            await self._reject_undecodable(msg, err)
+            return
+        with bind_job_context(
+            job_id=envelope.job_id,
+            queue=self.queue.name,
+            attempt=attempt,
+            max_attempts=self.queue.max_attempts,
+        ):
+            try:
+                await self._process_envelope(msg, envelope, attempt)
+            except asyncio.CancelledError:
+                # Shutdown outlasted its grace: hand the job back at once.
+                await _quietly(msg.nak())
+                raise
+            except (nats.errors.Error, OSError, asyncpg.PostgresError) as err:
+                # The outcome could not be recorded; JetStream redelivers the job
+                # after its ack deadline and the stored result, if any, is reused.
+                logger.warning("job outcome not recorded", extra={"error_type": type(err).__name__})
+                await _quietly(msg.nak(delay=self.queue.backoff_s(attempt)))
+
+    async def _process_envelope(self, msg: Msg, envelope: JobEnvelope, attempt: int) -> None:
+        existing = await self._stored_summary(envelope.job_id)
+        if existing is not None:
+            logger.info("job already done, acknowledging redelivery")
+            await self._publish(self._event(JobSucceeded, envelope, attempt, summary=existing))
+            await msg.ack_sync(timeout=self._publish_timeout_s)
+            return
+        await self._publish(
+            self._event(
+                JobStarted,
+                envelope,
+                attempt,
+                max_attempts=self.queue.max_attempts,
+                worker=self._name,
+            )
+        )
+        context = JobContext(envelope=envelope, queue=self.queue, attempt=attempt, worker=self)
+        outcome = await self._attempt(msg, context)
+        await self._settle(msg, context, outcome)
+
+    async def _attempt(self, msg: Msg, context: JobContext) -> _Outcome:
+        started = asyncio.get_running_loop().time()
+        heartbeat = asyncio.create_task(self._heartbeat(msg, context))
+        deadline = asyncio.timeout(self.queue.timeout_s)
+        try:
+            async with deadline:
+                result = await self._handler(context)
+            return _Outcome(kind="succeeded", result=result)
+        except PermanentJobError as err:
+            return _Outcome(kind="failed", error_type=err.error_type, error_message=err.message)
+        except RetryableJobError as err:
+            return _Outcome(
+                kind="retry", error_type="retryable", error_message=err.message, delay_s=err.delay_s
+            )
+        except TimeoutError as err:
+            if not deadline.expired():
+                return _Outcome(kind="retry", error_type="TimeoutError", error_message=str(err))
+            message = (
+                f"attempt exceeded the {self.queue.name} queue's {self.queue.timeout_s:g} s timeout"
+            )
+            return _Outcome(kind="retry", error_type="timeout", error_message=message)
+        except Exception as err:
+            logger.debug("handler raised", exc_info=True)
+            return _Outcome(kind="retry", error_type=type(err).__name__, error_message=str(err))
+        finally:
+            heartbeat.cancel()
+            logger.debug(
+                "attempt finished",
+                extra={"duration_s": round(asyncio.get_running_loop().time() - started, 3)},
+            )
+
+    async def _heartbeat(self, msg: Msg, context: JobContext) -> None:
+        # Tells JetStream the job is alive (resetting its ack deadline) and tells
+        # the status stream too, so a stalled job shows when it was last seen.
+        while True:
+            await asyncio.sleep(self.queue.heartbeat_s)
+            try:
+                await msg.in_progress()
+                await self.publish_progress(context)
+            except nats.errors.Error as err:
+                logger.debug("heartbeat lost", extra={"error_type": type(err).__name__})
+
+    async def publish_progress(self, context: JobContext) -> None:
+        """Publish the context's latest progress; a lost one is not worth a retry."""
+        event = self._event(
+            JobProgressed,
+            context.envelope,
+            context.attempt,
+            percent=context.percent,
+            message=context.message,
+        )
+        try:
+            await publish_status(self.js, event, ack_timeout_s=self._publish_timeout_s)
+        except nats.errors.Error as err:
+            logger.debug("progress not published", extra={"error_type": type(err).__name__})
+
+    async def _settle(self, msg: Msg, context: JobContext, outcome: _Outcome) -> None:
+        attempt, envelope = context.attempt, context.envelope
+        if outcome.kind == "succeeded" and outcome.result is not None:
+            await self._store_result(envelope, outcome.result)
+            await self._publish(
+                self._event(JobSucceeded, envelope, attempt, summary=outcome.result.summary)
+            )
+            await msg.ack_sync(timeout=self._publish_timeout_s)
+            logger.info("job succeeded")
+            return
+        if outcome.kind == "retry" and attempt < self.queue.max_attempts:
+            delay = (
+                outcome.delay_s if outcome.delay_s is not None else self.queue.backoff_s(attempt)
+            )
+            await self._publish(
+                self._event(
+                    JobRetried,
+                    envelope,
+                    attempt,
+                    error_type=outcome.error_type,
+                    error_message=outcome.error_message,
+                    retry_in_s=round(delay, 3),
+                )
+            )
+            await msg.nak(delay=delay)
+            logger.warning(
+                "job attempt failed, will retry",
+                extra={"error_type": outcome.error_type, "retry_in_s": round(delay, 3)},
+            )
+            return
+        await self._fail(msg, envelope, attempt, outcome)
+
+    async def _fail(self, msg: Msg, envelope: JobEnvelope, attempt: int, outcome: _Outcome) -> None:
+        exhausted = outcome.kind == "retry"
+        message = outcome.error_message
+        if exhausted:
+            message = f"gave up after {attempt} attempts; last error: {message}"
+        await publish_dead_letter(
+            self.js,
+            self.pool,
+            DeadLetter(
+                envelope=envelope,
+                attempts=attempt,
+                error_type=outcome.error_type,
+                error_message=message,
+                at=utc_now(),
+            ),
+            ack_timeout_s=self._publish_timeout_s,
+        )
+        await self._publish(
+            self._event(
+                JobFailed,
+                envelope,
+                attempt,
+                error_type=outcome.error_type,
+                error_message=message,
+                dead_lettered=True,
+            )
+        )
+        await msg.term()
+        log = logger.error if exhausted else logger.info
+        log("job failed", extra={"error_type": outcome.error_type, "dead_lettered": True})
+
+    async def _reject_undecodable(self, msg: Msg, err: Exception) -> None:
+        # Nothing can be learnt from running it again; keep it for a person.
+        logger.error(
+            "undecodable job dead-lettered", extra={"subject": msg.subject, "error": str(err)}
+        )
+        await _quietly(
+            self.js.publish(
+                self.queue.dead_subject,
+                msg.data,
+                timeout=self._publish_timeout_s,
+                stream=names.DEAD_STREAM,
+            )
+        )
+        await _quietly(msg.term())
+
+    async def _stored_summary(self, job_id: str) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow("SELECT summary FROM job_results WHERE job_id = $1", job_id)
+        if row is None:
+            return None
+        summary: dict[str, Any] = row["summary"] or {}
+        return summary
+
+    async def _store_result(self, envelope: JobEnvelope, result: JobResult) -> None:
+        data = _json.encode(result.data)
+        await self.pool.execute(
+            "INSERT INTO job_results (job_id, queue, result, summary, size_bytes)"
+            " VALUES ($1, $2, $3::text::jsonb, $4, $5) ON CONFLICT (job_id) DO NOTHING",
+            envelope.job_id,
+            self.queue.name,
+            data.decode(),
+            result.summary,
+            len(data),
+        )
+
+    async def _publish(self, event: StatusEvent) -> None:
+        await publish_status(self.js, event, ack_timeout_s=self._publish_timeout_s)
+
+    def _event(self, kind: type[Any], envelope: JobEnvelope, attempt: int, **fields: Any) -> Any:
+        return kind(
+            job_id=envelope.job_id,
+            queue=self.queue.name,
+            at=utc_now(),
+            submission=envelope.submission,
+            attempt=attempt,
+            **fields,
+        )
+
+
+async def _quietly(operation: Awaitable[Any]) -> None:
+    # For acks and naks on a path that is already failing: losing one only
+    # means JetStream redelivers after the ack deadline.
+    try:
+        await operation
+    except nats.errors.Error as err:
+        logger.debug("settle lost", extra={"error_type": type(err).__name__})

@@ -1,0 +1,97 @@
+"""The gateway application: routes, dependencies and their lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+
+from trinity_common import broker
+from trinity_common.database import apply_migrations, create_pool
+from trinity_common.queues import QUEUES, load_queue_settings
+from trinity_common.status import StatusProjector
+from trinity_gateway.datasets import DatasetController
+from trinity_gateway.health import HealthController
+from trinity_gateway.jobs import JobController
+from trinity_gateway.problems import exception_handlers
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Mapping
+
+    from trinity_gateway.settings import GatewaySettings
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+# Multipart framing around the file itself: boundaries, part headers, fields.
+_MULTIPART_SLACK_BYTES = 64 * 1024
+
+
+def create_app(settings: GatewaySettings, *, env: Mapping[str, str]) -> Litestar:
+    """Build the gateway for ``settings``; queue overrides are read from ``env``."""
+    queues = {name: load_queue_settings(name, env) for name in QUEUES}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            nc = await broker.connect(settings, name="trinity-gateway")
+            stack.push_async_callback(nc.drain)
+            js = nc.jetstream(timeout=settings.nats_timeout_s)
+            await broker.ensure_streams(
+                js, replicas=settings.nats_replicas, max_jobs_per_queue=settings.queue_max_jobs
+            )
+            pool = await create_pool(settings)
+            stack.push_async_callback(pool.close)
+            await apply_migrations(pool)
+            app.state.update(nc=nc, js=js, pool=pool, queues=queues, shutting_down=False)
+            if settings.gateway_run_projector:
+                await broker.ensure_status_consumer(js)
+                await stack.enter_async_context(_projecting(StatusProjector(js=js, pool=pool)))
+            logger.info("gateway started", extra={"port": settings.gateway_port})
+            try:
+                yield
+            finally:
+                app.state.shutting_down = True
+
+    return Litestar(
+        route_handlers=[JobController, DatasetController, HealthController],
+        lifespan=[lifespan],
+        state=_initial_state(settings),
+        exception_handlers=exception_handlers,
+        request_max_body_size=settings.gateway_max_upload_bytes + _MULTIPART_SLACK_BYTES,
+        openapi_config=OpenAPIConfig(
+            title="Trinity",
+            version="0.1.0",
+            description="Submit heavy work, get a job id at once, follow it to the end.",
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin()],
+        ),
+    )
+
+
+def _initial_state(settings: GatewaySettings) -> State:
+    return State({"settings": settings, "shutting_down": True})
+
+
+@contextlib.asynccontextmanager
+async def _projecting(projector: StatusProjector) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(projector.run(stop), name="status-projector")
+    task.add_done_callback(_report_projector_end)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait({task}, timeout=5)
+
+
+def _report_projector_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("status projector stopped", exc_info=task.exception())

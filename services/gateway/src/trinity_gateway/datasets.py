@@ -1,0 +1,135 @@
+"""Uploading datasets and reading their records."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mimetypes
+import uuid
+from typing import TYPE_CHECKING, Annotated
+
+import nats.errors
+from litestar import Controller, Response, get, post
+from litestar.datastructures import State, UploadFile
+from litestar.enums import RequestEncodingType
+from litestar.exceptions import ClientException, NotFoundException
+from litestar.params import Body, Parameter
+from litestar.status_codes import HTTP_201_CREATED, HTTP_413_REQUEST_ENTITY_TOO_LARGE
+
+from trinity_common import names
+from trinity_common.client import BrokerUnavailableError
+from trinity_common.commands import AnalysisOptions, RunAnalysis
+from trinity_gateway.jobs import accept_job
+from trinity_gateway.problems import problem_spec
+from trinity_gateway.schemas import DatasetResponse, UploadResponse
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = ["DatasetController"]
+
+logger = logging.getLogger(__name__)
+
+DatasetIdParam = Parameter(pattern=r"^[0-9a-f]{32}$", description="A dataset id.")
+
+
+class UploadTooLargeError(ClientException):
+    """The file is larger than the gateway accepts."""
+
+    status_code = HTTP_413_REQUEST_ENTITY_TOO_LARGE
+
+
+def _dataset_response(row: asyncpg.Record) -> DatasetResponse:
+    return DatasetResponse(
+        dataset_id=row["dataset_id"],
+        name=row["name"],
+        size_bytes=row["size_bytes"],
+        sha256=row["sha256"],
+        content_type=row["content_type"],
+        created_at=row["created_at"],
+        url=f"/api/datasets/{row['dataset_id']}",
+    )
+
+
+def _content_type(upload: UploadFile) -> str:
+    given = (upload.content_type or "").split(";")[0].strip()
+    if given and given != "application/octet-stream":
+        return given
+    guessed, _ = mimetypes.guess_type(upload.filename or "")
+    return guessed or "application/octet-stream"
+
+
+async def _store_bytes(state: State, dataset_id: str, data: bytes) -> None:
+    if not state.nc.is_connected:
+        raise BrokerUnavailableError("NATS is not connected")
+    try:
+        store = await state.js.object_store(names.DATASETS_BUCKET)
+        await store.put(dataset_id, data)
+    except (nats.errors.Error, OSError) as err:
+        raise BrokerUnavailableError("the dataset store did not confirm the upload") from err
+
+
+async def _forget_bytes(state: State, dataset_id: str) -> None:
+    try:
+        store = await state.js.object_store(names.DATASETS_BUCKET)
+        await store.delete(dataset_id)
+    except (nats.errors.Error, OSError):
+        logger.warning("orphaned dataset bytes left in store", extra={"dataset_id": dataset_id})
+
+
+class DatasetController(Controller):
+    """Datasets: upload a file, read its record."""
+
+    path = "/api"
+    tags = ["datasets"]  # noqa: RUF012 - Litestar reads it as a class attribute
+
+    @post(
+        "/upload",
+        status_code=HTTP_201_CREATED,
+        responses={
+            400: problem_spec("the form has no file field"),
+            413: problem_spec("the file is larger than the upload limit, stated in the body"),
+            503: problem_spec("storage or the job queue is unavailable; retry later"),
+        },
+    )
+    async def upload_dataset(
+        self,
+        state: State,
+        data: Annotated[UploadFile, Body(media_type=RequestEncodingType.MULTI_PART)],
+        analyze: bool = False,
+    ) -> Response[UploadResponse]:
+        """Store a dataset file (CSV, TSV, JSON lines, Parquet); ``?analyze=true`` profiles it."""
+        limit = state.settings.gateway_max_upload_bytes
+        content = await data.read(limit + 1)
+        if len(content) > limit:
+            raise UploadTooLargeError(f"the file is larger than the upload limit of {limit} bytes")
+        dataset_id = uuid.uuid4().hex
+        await _store_bytes(state, dataset_id, content)
+        try:
+            row = await state.pool.fetchrow(
+                "INSERT INTO datasets (dataset_id, name, size_bytes, sha256, content_type)"
+                " VALUES ($1, $2, $3, $4, $5) RETURNING *",
+                dataset_id,
+                data.filename or "upload",
+                len(content),
+                hashlib.sha256(content).hexdigest(),
+                _content_type(data),
+            )
+        except BaseException:
+            await _forget_bytes(state, dataset_id)
+            raise
+        dataset = _dataset_response(row)
+        job = None
+        if analyze:
+            command = RunAnalysis(dataset_id=dataset_id, options=AnalysisOptions())
+            job = await accept_job(state, "analysis", command)
+        body = UploadResponse(dataset_id=dataset_id, dataset=dataset, job=job)
+        return Response(body, headers={"Location": dataset.url})
+
+    @get("/datasets/{dataset_id:str}", responses={404: problem_spec("no dataset with that id")})
+    async def get_dataset(self, state: State, dataset_id: str = DatasetIdParam) -> DatasetResponse:
+        """Return a dataset's record: name, size, checksum, content type."""
+        row = await state.pool.fetchrow("SELECT * FROM datasets WHERE dataset_id = $1", dataset_id)
+        if row is None:
+            raise NotFoundException(f"no dataset with id {dataset_id}")
+        return _dataset_response(row)

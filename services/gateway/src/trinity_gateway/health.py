@@ -1,0 +1,68 @@
+"""Liveness and readiness: distinct questions with distinct answers.
+
+Live means the event loop answers; an orchestrator restarts the process if not.
+Ready means NATS and PostgreSQL answer and the gateway is not shutting down; an
+orchestrator stops sending traffic if not, and resumes once they do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from litestar import Controller, Response, get
+from litestar.datastructures import State
+from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+
+from trinity_gateway.schemas import HealthResponse
+
+__all__ = ["HealthController"]
+
+
+async def _check_database(state: State) -> str:
+    try:
+        async with asyncio.timeout(1.0):
+            await state.pool.fetchval("SELECT 1")
+    except Exception as err:  # noqa: BLE001 - any failure means not ready; the type is reported
+        return f"down: {type(err).__name__}"
+    return "ok"
+
+
+def _check_nats(state: State) -> str:
+    return "ok" if state.nc.is_connected else "down: not connected"
+
+
+async def _checks(state: State) -> dict[str, str]:
+    checks = {"nats": _check_nats(state), "database": await _check_database(state)}
+    if state.shutting_down:
+        checks["gateway"] = "down: shutting down"
+    return checks
+
+
+def _answer(checks: dict[str, str]) -> Response[HealthResponse]:
+    ok = all(value == "ok" for value in checks.values())
+    return Response(
+        HealthResponse(status="ok" if ok else "unavailable", checks=checks),
+        status_code=HTTP_200_OK if ok else HTTP_503_SERVICE_UNAVAILABLE,
+    )
+
+
+class HealthController(Controller):
+    """Probes for orchestrators and people."""
+
+    path = "/health"
+    tags = ["health"]  # noqa: RUF012 - Litestar reads it as a class attribute
+
+    @get("/live", sync_to_thread=False)
+    async def get_live(self) -> HealthResponse:
+        """Answer 200 while the event loop runs."""
+        return HealthResponse(status="ok", checks={})
+
+    @get("/ready")
+    async def get_ready(self, state: State) -> Response[HealthResponse]:
+        """Answer 200 when NATS and PostgreSQL answer, else 503 naming what is down."""
+        return _answer(await _checks(state))
+
+    @get("/")
+    async def get_health(self, state: State) -> Response[HealthResponse]:
+        """Report each dependency; the same verdict as readiness."""
+        return _answer(await _checks(state))

@@ -1,0 +1,123 @@
+"""Error bodies: every 4xx and 5xx the gateway sends has the same shape.
+
+``{"status": 422, "detail": "...", "problems": [{"field": "...", "message": "..."}]}``;
+``problems`` lists every bad field, each with its path in the request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import msgspec
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
+
+from trinity_common.client import BrokerUnavailableError, QueueFullError
+
+if TYPE_CHECKING:
+    from litestar.types import ExceptionHandlersMap
+
+__all__ = ["Problem", "ProblemResponse", "exception_handlers", "problem", "problem_spec"]
+
+logger = logging.getLogger(__name__)
+
+
+class Problem(msgspec.Struct, kw_only=True, frozen=True):
+    """One thing wrong with a request."""
+
+    field: str
+    message: str
+
+
+class ProblemResponse(msgspec.Struct, kw_only=True, frozen=True):
+    """The body of every error response."""
+
+    status: int
+    detail: str
+    problems: list[Problem] = msgspec.field(default_factory=list)
+
+
+def problem(
+    status: int,
+    detail: str,
+    problems: list[Problem] | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+) -> Response[ProblemResponse]:
+    """Build an error response."""
+    return Response(
+        ProblemResponse(status=status, detail=detail, problems=problems or []),
+        status_code=status,
+        media_type=MediaType.JSON,
+        headers=headers,
+    )
+
+
+def problem_spec(description: str) -> ResponseSpec:
+    """Describe an error response in the OpenAPI document."""
+    return ResponseSpec(data_container=ProblemResponse, description=description)
+
+
+def _field_of(item: dict[str, Any]) -> str:
+    key = str(item.get("key") or "")
+    source = str(item.get("source") or "body")
+    return key.removeprefix("$.") if source == "body" else f"{source}.{key}"
+
+
+def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    problems = [
+        Problem(field=_field_of(item), message=str(item.get("message", "")))
+        for item in extra
+        if isinstance(item, dict)
+    ]
+    return problem(exc.status_code, _validation_detail(exc, problems), problems)
+
+
+def _validation_detail(exc: ValidationException, problems: list[Problem]) -> str:
+    if problems:
+        first = problems[0]
+        where = f" in {first.field}" if first.field else ""
+        return f"invalid request{where}: {first.message}"
+    return str(exc.detail)
+
+
+def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    return problem(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+def _unavailable(request: Request[Any, Any, Any], detail: str) -> Response[Any]:
+    retry_after = str(request.app.state.settings.gateway_retry_after_s)
+    return problem(HTTP_503_SERVICE_UNAVAILABLE, detail, headers={"Retry-After": retry_after})
+
+
+def _on_broker(request: Request[Any, Any, Any], exc: BrokerUnavailableError) -> Response[Any]:
+    if isinstance(exc, QueueFullError):
+        return _unavailable(request, f"{exc.message}; retry later")
+    return _unavailable(request, f"job queue unavailable: {exc.message}; nothing was recorded")
+
+
+def _on_database(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    logger.warning("database unavailable", extra={"error_type": type(exc).__name__})
+    return _unavailable(request, "database unavailable; retry later")
+
+
+def _on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    logger.error("request failed", exc_info=exc)
+    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
+
+
+exception_handlers: ExceptionHandlersMap = {
+    ValidationException: _on_validation,
+    HTTPException: _on_http,
+    BrokerUnavailableError: _on_broker,
+    asyncpg.PostgresError: _on_database,
+    asyncpg.InterfaceError: _on_database,
+    TimeoutError: _on_database,
+    OSError: _on_database,
+    HTTP_500_INTERNAL_SERVER_ERROR: _on_unexpected,
+}
