@@ -8,6 +8,7 @@ fixed: one durable consumer per queue, never one per job.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from trinity_common.settings import ConnectionSettings
 
 __all__ = [
+    "close",
     "connect",
     "ensure_status_consumer",
     "ensure_streams",
@@ -76,6 +78,19 @@ async def connect(settings: ConnectionSettings, *, name: str) -> Client:
         reconnected_cb=on_reconnect,
         error_cb=on_error,
     )
+
+
+async def close(nc: Client, *, timeout_s: float = 5.0) -> None:
+    """Drain ``nc`` (flush what is in flight, then close); just close it if NATS is away."""
+    if nc.is_closed:
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await nc.drain()
+    except (nats.errors.Error, TimeoutError) as err:
+        # Nothing can be drained from a connection that is reconnecting.
+        logger.debug("nats drain skipped", extra={"error_type": type(err).__name__})
+        await nc.close()
 
 
 def _stream_configs(*, replicas: int, max_jobs_per_queue: int) -> list[StreamConfig]:

@@ -47,7 +47,7 @@ async def serve_queue(
     queue = load_queue_settings(queue_name, env)
     async with contextlib.AsyncExitStack() as stack:
         nc = await broker.connect(settings, name=f"trinity-{service}")
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(broker.close, nc)
         js = nc.jetstream(timeout=settings.nats_timeout_s)
         await broker.ensure_streams(
             js, replicas=settings.nats_replicas, max_jobs_per_queue=settings.queue_max_jobs

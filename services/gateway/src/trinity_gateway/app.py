@@ -42,7 +42,7 @@ def create_app(settings: GatewaySettings, *, env: Mapping[str, str]) -> Litestar
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             nc = await broker.connect(settings, name="trinity-gateway")
-            stack.push_async_callback(nc.drain)
+            stack.push_async_callback(broker.close, nc)
             js = nc.jetstream(timeout=settings.nats_timeout_s)
             await broker.ensure_streams(
                 js, replicas=settings.nats_replicas, max_jobs_per_queue=settings.queue_max_jobs
@@ -65,6 +65,8 @@ def create_app(settings: GatewaySettings, *, env: Mapping[str, str]) -> Litestar
         lifespan=[lifespan],
         state=_initial_state(settings),
         exception_handlers=exception_handlers,
+        # Logging is configured once per process by trinity_common.logs.
+        logging_config=None,
         request_max_body_size=settings.gateway_max_upload_bytes + _MULTIPART_SLACK_BYTES,
         openapi_config=OpenAPIConfig(
             title="Trinity",

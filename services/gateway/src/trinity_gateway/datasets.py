@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 import nats.errors
 from litestar import Controller, Response, get, post
 from litestar.datastructures import State, UploadFile
-from litestar.enums import RequestEncodingType
 from litestar.exceptions import ClientException, NotFoundException
-from litestar.params import Body, Parameter
+from litestar.params import MultipartBody, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 from trinity_common import names
@@ -30,7 +29,7 @@ __all__ = ["DatasetController"]
 
 logger = logging.getLogger(__name__)
 
-DatasetIdParam = Parameter(pattern=r"^[0-9a-f]{32}$", description="A dataset id.")
+DatasetId = Annotated[str, PathParameter(pattern=r"^[0-9a-f]{32}$", description="A dataset id.")]
 
 
 class UploadTooLargeError(ClientException):
@@ -95,8 +94,10 @@ class DatasetController(Controller):
     async def upload_dataset(
         self,
         state: State,
-        data: Annotated[UploadFile, Body(media_type=RequestEncodingType.MULTI_PART)],
-        analyze: bool = False,
+        data: MultipartBody[UploadFile],
+        analyze: Annotated[
+            bool, QueryParameter(description="Also queue an analysis of the file.")
+        ] = False,
     ) -> Response[UploadResponse]:
         """Store a dataset file (CSV, TSV, JSON lines, Parquet); ``?analyze=true`` profiles it."""
         limit = state.settings.gateway_max_upload_bytes
@@ -127,7 +128,7 @@ class DatasetController(Controller):
         return Response(body, headers={"Location": dataset.url})
 
     @get("/datasets/{dataset_id:str}", responses={404: problem_spec("no dataset with that id")})
-    async def get_dataset(self, state: State, dataset_id: str = DatasetIdParam) -> DatasetResponse:
+    async def get_dataset(self, state: State, dataset_id: DatasetId) -> DatasetResponse:
         """Return a dataset's record: name, size, checksum, content type."""
         row = await state.pool.fetchrow("SELECT * FROM datasets WHERE dataset_id = $1", dataset_id)
         if row is None:

@@ -52,7 +52,7 @@ class HealthController(Controller):
     path = "/health"
     tags = ["health"]  # noqa: RUF012 - Litestar reads it as a class attribute
 
-    @get("/live", sync_to_thread=False)
+    @get("/live")
     async def get_live(self) -> HealthResponse:
         """Answer 200 while the event loop runs."""
         return HealthResponse(status="ok", checks={})

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException, ValidationException
-from litestar.params import Parameter
-from litestar.status_codes import HTTP_202_ACCEPTED
+from litestar.params import JSONBody, PathParameter
+from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_422_UNPROCESSABLE_ENTITY
 
 from trinity_common.client import BrokerUnavailableError, new_job_id, submit_job
 from trinity_common.commands import RunAnalysis
@@ -32,7 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["JobController", "accept_job"]
 
-JobId = Parameter(pattern=r"^[0-9a-f]{32}$", description="A job id, as returned on submission.")
+JobId = Annotated[
+    str,
+    PathParameter(pattern=r"^[0-9a-f]{32}$", description="A job id, as returned on submission."),
+]
 
 
 def status_url(job_id: str) -> str:
@@ -141,12 +144,13 @@ class JobController(Controller):
         },
     )
     async def submit_analysis(
-        self, state: State, data: RunAnalysisRequest
+        self, state: State, data: JSONBody[RunAnalysisRequest]
     ) -> Response[AcceptedResponse]:
         """Queue an analysis of an uploaded dataset; answers once the job is durable."""
         if not await _dataset_exists(state.pool, data.dataset_id):
             raise ValidationException(
                 f"no dataset with id {data.dataset_id}",
+                status_code=HTTP_422_UNPROCESSABLE_ENTITY,
                 extra=[{"key": "dataset_id", "message": "no such dataset", "source": "body"}],
             )
         accepted = await accept_job(
@@ -155,7 +159,7 @@ class JobController(Controller):
         return Response(accepted, headers={"Location": accepted.status_url})
 
     @get("/jobs/{job_id:str}", responses={404: problem_spec("no job with that id")})
-    async def get_job(self, state: State, job_id: str = JobId) -> JobResponse:
+    async def get_job(self, state: State, job_id: JobId) -> JobResponse:
         """Return a job's state, progress, attempts, and result or error."""
         return await _load_job(state.pool, job_id)
 
@@ -164,7 +168,7 @@ class JobController(Controller):
         responses={404: problem_spec("no job with that id")},
         description="The same document as GET /api/jobs/{job_id}, for older clients.",
     )
-    async def get_queue_status(self, state: State, job_id: str = JobId) -> JobResponse:
+    async def get_queue_status(self, state: State, job_id: JobId) -> JobResponse:
         """Return a job's status (the route older clients use)."""
         return await _load_job(state.pool, job_id)
 
@@ -172,7 +176,7 @@ class JobController(Controller):
         "/analyses/{job_id:str}",
         responses={404: problem_spec("no finished analysis with that job id")},
     )
-    async def get_analysis(self, state: State, job_id: str = JobId) -> AnalysisResponse:
+    async def get_analysis(self, state: State, job_id: JobId) -> AnalysisResponse:
         """Return the full profile an analysis job produced."""
         row = await state.pool.fetchrow(
             "SELECT r.result, j.command FROM job_results r JOIN jobs j USING (job_id)"

@@ -64,7 +64,8 @@ def problem_spec(description: str) -> ResponseSpec:
 
 def _field_of(item: dict[str, Any]) -> str:
     key = str(item.get("key") or "")
-    source = str(item.get("source") or "body")
+    source = item.get("source") or "body"
+    source = str(getattr(source, "value", source)).lower()
     return key.removeprefix("$.") if source == "body" else f"{source}.{key}"
 
 

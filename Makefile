@@ -1,0 +1,34 @@
+# Trinity's entry points. `make demo` and `make test` work on a fresh clone:
+# each sets up the environment first, and starts whatever servers it needs.
+
+# uv runs on the machine's Python, and trusts the system's certificates.
+export UV_PYTHON_DOWNLOADS := never
+export UV_SYSTEM_CERTS := 1
+
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+RUN := $(UV) run --locked
+
+.PHONY: setup demo test lint format bench soak
+
+setup:  ## Install uv if missing, then the locked environment
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) sync --locked
+
+demo: setup  ## Profile a real dataset end to end (DATASET=path/to/file.csv for another)
+	$(RUN) python scripts/demo.py $(if $(DATASET),--dataset "$(DATASET)")
+
+test: lint  ## Lint, type-check, then run the whole suite against real servers
+	$(RUN) pytest
+
+lint: setup  ## Ruff and mypy, as CI runs them
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy
+
+format: setup
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+
+bench: setup  ## Publish and accept rates, printed side by side
+	$(RUN) python bench/accept.py

@@ -1,0 +1,182 @@
+"""The HTTP API against real NATS and PostgreSQL, with the app in this process."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import pytest
+from litestar.testing import AsyncTestClient
+
+from trinity_common.settings import load_settings
+from trinity_gateway.app import create_app
+from trinity_gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from litestar import Litestar
+
+    from trinity_common.devstack import Database, NatsServer
+
+CSV = b"city,temp\nOslo,3.5\nRome,17.25\n"
+
+
+@pytest.fixture
+def env(service_env: dict[str, str]) -> dict[str, str]:
+    return {**service_env, "TRINITY_GATEWAY_MAX_UPLOAD_BYTES": "4096"}
+
+
+@pytest.fixture
+async def client(env: dict[str, str]) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    app = create_app(load_settings(GatewaySettings, env), env=env)
+    async with AsyncTestClient(app) as test_client:
+        yield test_client
+
+
+async def upload(client: AsyncTestClient[Litestar], content: bytes = CSV) -> dict[str, Any]:
+    response = await client.post("/api/upload", files={"data": ("temps.csv", content)})
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def count_rows(database: Database, table: str) -> int:
+    conn = await asyncpg.connect(database.url)
+    try:
+        count: int = await conn.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608 - fixed names
+    finally:
+        await conn.close()
+    return count
+
+
+async def test_submit_answers_202_and_job_reads_queued_at_once(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    dataset = await upload(client)
+
+    response = await client.post("/api/analysis", json={"dataset_id": dataset["dataset_id"]})
+    job = (await client.get(response.headers["location"])).json()
+
+    assert response.status_code == 202
+    assert response.json()["status_url"] == response.headers["location"]
+    assert job["state"] == "queued"
+    assert job["queue"] == "analysis"
+    assert job["max_attempts"] == 4
+    assert job["progress"] == {"percent": 0.0, "message": ""}
+
+
+async def test_queue_status_route_serves_the_same_document(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    dataset = await upload(client)
+    job_id = (
+        await client.post("/api/analysis", json={"dataset_id": dataset["dataset_id"]})
+    ).json()["job_id"]
+
+    current = await client.get(f"/api/jobs/{job_id}")
+    legacy = await client.get(f"/api/queue/status/{job_id}")
+
+    assert legacy.status_code == 200
+    assert legacy.json() == current.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        ({"dataset_id": 42}, "dataset_id", "Expected `str`"),
+        ({}, "", "missing required field `dataset_id`"),
+        ({"dataset_id": "0" * 32, "colour": "red"}, "", "unknown field `colour`"),
+        (
+            {"dataset_id": "0" * 32, "options": {"histogram_bins": 0}},
+            "options.histogram_bins",
+            ">= 1",
+        ),
+    ],
+    ids=["wrong-type", "missing", "unknown-field", "out-of-range"],
+)
+async def test_malformed_body_gets_400_naming_the_problem(
+    client: AsyncTestClient[Litestar], body: dict[str, Any], field: str, words: str
+) -> None:
+    response = await client.post("/api/analysis", json=body)
+
+    assert response.status_code == 400
+    problem = response.json()
+    assert problem["status"] == 400
+    assert words in problem["detail"]
+    if field:
+        assert problem["problems"][0]["field"] == field
+
+
+async def test_unknown_dataset_gets_422_naming_the_field(
+    client: AsyncTestClient[Litestar], database: Database
+) -> None:
+    response = await client.post("/api/analysis", json={"dataset_id": "f" * 32})
+
+    assert response.status_code == 422
+    assert response.json()["problems"] == [{"field": "dataset_id", "message": "no such dataset"}]
+    assert await count_rows(database, "jobs") == 0
+
+
+async def test_unknown_job_gets_404(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.get(f"/api/jobs/{'a' * 32}")
+
+    assert response.status_code == 404
+    assert response.json()["detail"] == f"no job with id {'a' * 32}"
+
+
+async def test_upload_over_the_limit_gets_413_stating_it(
+    client: AsyncTestClient[Litestar], database: Database
+) -> None:
+    response = await client.post("/api/upload", files={"data": ("big.csv", b"x" * 5000)})
+
+    assert response.status_code == 413
+    assert "4096 bytes" in response.json()["detail"]
+    assert await count_rows(database, "datasets") == 0
+
+
+async def test_upload_records_size_and_checksum(client: AsyncTestClient[Litestar]) -> None:
+    import hashlib
+
+    body = await upload(client)
+    record = (await client.get(f"/api/datasets/{body['dataset_id']}")).json()
+
+    assert record["size_bytes"] == len(CSV)
+    assert record["sha256"] == hashlib.sha256(CSV).hexdigest()
+    assert record["name"] == "temps.csv"
+
+
+async def test_submit_answers_503_fast_when_nats_is_down(
+    client: AsyncTestClient[Litestar], nats_server: NatsServer, database: Database
+) -> None:
+    dataset = await upload(client)
+    await nats_server.stop()
+
+    async with asyncio.timeout(5):  # a hang, not slowness, is the failure looked for
+        response = await client.post("/api/analysis", json={"dataset_id": dataset["dataset_id"]})
+    ready = await client.get("/health/ready")
+
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert "nothing was recorded" in response.json()["detail"]
+    assert await count_rows(database, "jobs") == 0
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["nats"].startswith("down")
+
+
+async def test_openapi_document_describes_every_route(client: AsyncTestClient[Litestar]) -> None:
+    document = (await client.get("/schema/openapi.json")).json()
+
+    assert set(document["paths"]) >= {
+        "/api/upload",
+        "/api/analysis",
+        "/api/jobs/{job_id}",
+        "/api/queue/status/{job_id}",
+        "/api/datasets/{dataset_id}",
+        "/api/analyses/{job_id}",
+        "/health/live",
+        "/health/ready",
+        "/health",
+    }
+    assert "503" in document["paths"]["/api/analysis"]["post"]["responses"]
