@@ -30,5 +30,6 @@ format: setup
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
 
-bench: setup  ## Publish and accept rates, printed side by side
+bench: setup  ## Publish and accept rates, printed side by side (needs wrk)
+	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null
 	$(RUN) python bench/accept.py

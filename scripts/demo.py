@@ -123,9 +123,6 @@ def print_correlations(correlations: dict[str, Any] | None) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     dataset: Path = args.dataset
-    if not dataset.is_file():
-        print(f"no such file: {dataset}", file=sys.stderr)
-        return 2
     workdir = Path(tempfile.mkdtemp(prefix="trinity-demo-"))
     async with dev_stack(env=os.environ) as stack:
         port = free_port()
@@ -157,11 +154,11 @@ async def run(args: argparse.Namespace) -> int:
 async def profile_file(
     client: httpx.AsyncClient, base: str, dataset: Path, timeout_s: float
 ) -> int:
-    print(f"uploading {dataset.name} ({dataset.stat().st_size:,} bytes) to {base}")
-    with dataset.open("rb") as file:
-        response = await client.post(
-            "/api/upload", params={"analyze": "true"}, files={"data": (dataset.name, file)}
-        )
+    content = dataset.read_bytes()
+    print(f"uploading {dataset.name} ({len(content):,} bytes) to {base}")
+    response = await client.post(
+        "/api/upload", params={"analyze": "true"}, files={"data": (dataset.name, content)}
+    )
     if response.status_code != 201:
         print(f"upload refused: {response.status_code} {response.text}", file=sys.stderr)
         return 1
@@ -181,7 +178,10 @@ async def profile_file(
 
 
 def main() -> None:
-    sys.exit(asyncio.run(run(parse_args())))
+    args = parse_args()
+    if not args.dataset.is_file():
+        sys.exit(f"no such file: {args.dataset}")
+    sys.exit(asyncio.run(run(args)))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Annotated
 
+import asyncpg
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.datastructures import State
@@ -11,7 +13,7 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import JSONBody, PathParameter
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_422_UNPROCESSABLE_ENTITY
 
-from trinity_common.client import BrokerUnavailableError, new_job_id, submit_job
+from trinity_common.client import BrokerUnavailableError, submit_job
 from trinity_common.commands import RunAnalysis
 from trinity_gateway.problems import problem_spec
 from trinity_gateway.schemas import (
@@ -26,9 +28,10 @@ from trinity_gateway.schemas import (
 )
 
 if TYPE_CHECKING:
-    import asyncpg
-
     from trinity_common.commands import Command
+    from trinity_common.messages import JobEnvelope
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["JobController", "accept_job"]
 
@@ -44,34 +47,49 @@ def status_url(job_id: str) -> str:
 
 
 async def accept_job(state: State, queue_name: str, command: Command) -> AcceptedResponse:
-    """Record a job as queued and publish it, both or neither.
+    """Publish a job, then record it as queued, and answer only once both are done.
 
-    The record is written in a transaction that commits only after JetStream
-    acknowledged the job, so a failed publish leaves nothing behind and a read
-    right after the answer already finds the job queued.
+    JetStream's ack is what makes the job durable, so nothing is written before
+    it: a failed publish leaves nothing behind. The record written afterwards
+    lets a read right after the answer find the job queued; should that write
+    fail, the job still runs and the status projection creates the record from
+    the job's accepted event, so the answer stays 202.
     """
     if not state.nc.is_connected:
         raise BrokerUnavailableError("NATS is not connected")
     queue = state.queues[queue_name]
-    job_id = new_job_id()
-    async with state.pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "INSERT INTO jobs (job_id, queue, state, max_attempts, command, created_at)"
-            " VALUES ($1, $2, 'queued', $3, $4, now())",
-            job_id,
-            queue.name,
-            queue.max_attempts,
-            msgspec.to_builtins(command),
-        )
-        await submit_job(
-            state.js,
-            queue,
-            command,
-            job_id=job_id,
-            ack_timeout_s=state.settings.nats_timeout_s,
+    envelope = await submit_job(
+        state.js, queue, command, ack_timeout_s=state.settings.nats_timeout_s
+    )
+    try:
+        await _record_queued(state.pool, envelope, max_attempts=queue.max_attempts)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+        logger.warning(
+            "queued record deferred to projection",
+            extra={"job_id": envelope.job_id, "error_type": type(err).__name__},
         )
     return AcceptedResponse(
-        job_id=job_id, queue=queue.name, state="queued", status_url=status_url(job_id)
+        job_id=envelope.job_id,
+        queue=queue.name,
+        state="queued",
+        status_url=status_url(envelope.job_id),
+    )
+
+
+async def _record_queued(pool: asyncpg.Pool, envelope: JobEnvelope, *, max_attempts: int) -> None:
+    # The job's durability is JetStream's; this row only mirrors it, and the
+    # status stream rebuilds it if lost. So its commit need not wait for a disk
+    # flush: set_config(..., true) applies to this statement's own transaction.
+    await pool.execute(
+        "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))"
+        " INSERT INTO jobs (job_id, queue, state, max_attempts, command, created_at)"
+        " SELECT $1, $2, 'queued', $3, $4, $5 FROM async_commit"
+        " ON CONFLICT (job_id) DO NOTHING",
+        envelope.job_id,
+        envelope.queue,
+        max_attempts,
+        msgspec.to_builtins(envelope.command),
+        envelope.created_at,
     )
 
 

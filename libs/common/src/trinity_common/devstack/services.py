@@ -43,7 +43,7 @@ class ServiceProcess:
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
             )
-        logger.debug("service started", extra={"module": module, "pid": process.pid})
+        logger.debug("service started", extra={"service_module": module, "pid": process.pid})
         return cls(module, process, log_path)
 
     @property
@@ -72,7 +72,9 @@ class ServiceProcess:
         """Ask the child to stop (SIGTERM); kill it if it outlasts ``grace_s``."""
         self.signal(signal.SIGTERM)
         if await self.wait(grace_s) is None:
-            logger.warning("service ignored SIGTERM, killing it", extra={"module": self.module})
+            logger.warning(
+                "service ignored SIGTERM, killing it", extra={"service_module": self.module}
+            )
             await self.kill()
         return self._process.returncode
 
