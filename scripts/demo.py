@@ -154,7 +154,7 @@ async def run(args: argparse.Namespace) -> int:
 async def profile_file(
     client: httpx.AsyncClient, base: str, dataset: Path, timeout_s: float
 ) -> int:
-    content = dataset.read_bytes()
+    content = await asyncio.to_thread(dataset.read_bytes)
     print(f"uploading {dataset.name} ({len(content):,} bytes) to {base}")
     response = await client.post(
         "/api/upload", params={"analyze": "true"}, files={"data": (dataset.name, content)}
