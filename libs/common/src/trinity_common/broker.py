@@ -9,6 +9,7 @@ fixed: one durable consumer per queue, never one per job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,10 @@ from nats.js.errors import BucketNotFoundError
 from trinity_common import names
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from nats.aio.client import Client
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.object_store import ObjectStore
 
@@ -41,6 +45,7 @@ __all__ = [
     "ensure_streams",
     "ensure_work_consumer",
     "open_object_store",
+    "pull_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,6 +123,16 @@ def _stream_configs(*, replicas: int, max_jobs_per_queue: int) -> list[StreamCon
             duplicate_window=120.0,
         ),
         StreamConfig(
+            # JetStream announces a job whose last attempt's worker vanished only
+            # as a core-NATS advisory; this stream keeps it until it is handled.
+            name=names.ADVISORY_STREAM,
+            subjects=[names.MAX_DELIVERIES_ADVISORIES],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=7 * _DAY_S,
+        ),
+        StreamConfig(
             name=names.DEAD_STREAM,
             subjects=[names.DEAD_SUBJECTS],
             retention=RetentionPolicy.LIMITS,
@@ -175,8 +190,53 @@ async def ensure_work_consumer(js: JetStreamContext, queue: QueueSettings) -> No
 
 
 async def ensure_status_consumer(js: JetStreamContext) -> None:
-    """Create or update the durable consumer that projects status events."""
+    """Create or update the durable consumers of the status projector and the reaper."""
     await js.add_consumer(names.STATUS_STREAM, _status_consumer())
+    await js.add_consumer(
+        names.ADVISORY_STREAM,
+        ConsumerConfig(
+            name=names.REAPER_CONSUMER,
+            durable_name=names.REAPER_CONSUMER,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_deliver=-1,
+        ),
+    )
+
+
+async def pull_batches(
+    js: JetStreamContext,
+    *,
+    stream: str,
+    durable: str,
+    batch: int,
+    stop: asyncio.Event,
+    idle_s: float = 1.0,
+) -> AsyncIterator[list[Msg]]:
+    """Yield batches from a durable pull consumer until ``stop`` is set.
+
+    An empty poll and a passing connection error both just mean "nothing yet":
+    nats-py reconnects underneath, and the loop resumes where the consumer is.
+    """
+    sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=idle_s)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.NoServersError):
+                raise
+            except nats.errors.Error as err:
+                logger.debug("fetch failed", extra={"consumer": durable, "error": repr(err)})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=idle_s)
+                continue
+            yield msgs
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
 
 
 async def open_object_store(js: JetStreamContext, bucket: str, *, replicas: int = 1) -> ObjectStore:

@@ -16,6 +16,7 @@ from trinity_common.commands import Command
 
 __all__ = [
     "TERMINAL_STATES",
+    "CancelRequest",
     "JobAccepted",
     "JobCancelled",
     "JobEnvelope",
@@ -115,6 +116,13 @@ class JobFailed(_Event, kw_only=True, frozen=True, tag="job_failed"):
 class JobCancelled(_Event, kw_only=True, frozen=True, tag="job_cancelled"):
     """The job was cancelled before it could finish."""
 
+    reason: str = ""
+
+
+class CancelRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """Asks whichever process runs a job to stop it; broadcast on the queue's cancel subject."""
+
+    job_id: str
     reason: str = ""
 
 

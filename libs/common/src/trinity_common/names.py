@@ -7,15 +7,19 @@ purpose. Changing any value here is a migration of live data, not a refactor.
 from __future__ import annotations
 
 __all__ = [
+    "ADVISORY_STREAM",
     "DATASETS_BUCKET",
     "DEAD_STREAM",
     "HEADER_ATTEMPT",
     "HEADER_JOB_ID",
     "HEADER_MSG_ID",
     "JOBS_STREAM",
+    "MAX_DELIVERIES_ADVISORIES",
+    "REAPER_CONSUMER",
     "RESULTS_BUCKET",
     "STATUS_CONSUMER",
     "STATUS_STREAM",
+    "cancel_subject",
     "dead_subject",
     "job_subject",
     "status_subject",
@@ -33,6 +37,14 @@ DEAD_STREAM = "TRINITY_DEAD"
 STATUS_CONSUMER = "status-projector"
 """Durable consumer that folds status events into the job table."""
 
+ADVISORY_STREAM = "TRINITY_ADVISORIES"
+"""JetStream's max-deliveries advisories for the work stream, kept until handled."""
+
+MAX_DELIVERIES_ADVISORIES = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
+
+REAPER_CONSUMER = "exhausted-reaper"
+"""Durable consumer that fails jobs whose last attempt's worker vanished."""
+
 DATASETS_BUCKET = "trinity-datasets"
 """Object Store bucket holding uploaded dataset bytes, keyed by dataset id."""
 
@@ -48,6 +60,7 @@ HEADER_ATTEMPT = "Trinity-Attempt"
 _JOBS_PREFIX = "trinity.jobs"
 _STATUS_PREFIX = "trinity.status"
 _DEAD_PREFIX = "trinity.dead"
+_CANCEL_PREFIX = "trinity.cancel"
 
 JOBS_SUBJECTS = f"{_JOBS_PREFIX}.>"
 STATUS_SUBJECTS = f"{_STATUS_PREFIX}.>"
@@ -62,6 +75,11 @@ def job_subject(queue: str) -> str:
 def status_subject(queue: str) -> str:
     """Return the status subject of a queue, e.g. ``trinity.status.analysis``."""
     return f"{_STATUS_PREFIX}.{queue}"
+
+
+def cancel_subject(queue: str) -> str:
+    """Return the core NATS subject cancel requests for a queue's jobs are broadcast on."""
+    return f"{_CANCEL_PREFIX}.{queue}"
 
 
 def dead_subject(queue: str) -> str:

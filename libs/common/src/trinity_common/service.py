@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
+import msgspec
 import uvloop
 
 from trinity_common import broker
@@ -29,9 +30,16 @@ if TYPE_CHECKING:
     from trinity_common.queues import QueueSettings
     from trinity_common.worker import Handler
 
-__all__ = ["run_worker_service", "serve_queue"]
+__all__ = ["WorkerSettings", "run_worker_service", "serve_queue"]
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerSettings(ConnectionSettings, kw_only=True, frozen=True):
+    """How a worker service shuts down."""
+
+    worker_shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
+    """On SIGTERM, how long running jobs may go on before they are handed back."""
 
 
 async def serve_queue(
@@ -43,7 +51,7 @@ async def serve_queue(
     stop: asyncio.Event,
 ) -> None:
     """Run ``queue_name``'s jobs until ``stop`` is set, then shut down gracefully."""
-    settings = load_settings(ConnectionSettings, env)
+    settings = load_settings(WorkerSettings, env)
     queue = load_queue_settings(queue_name, env)
     async with contextlib.AsyncExitStack() as stack:
         nc = await broker.connect(settings, name=f"trinity-{service}")
@@ -59,7 +67,15 @@ async def serve_queue(
         await apply_migrations(pool)
 
         handler = await stack.enter_async_context(provide_handler(queue))
-        worker = Worker(queue=queue, handler=handler, js=js, pool=pool)
+        worker = Worker(
+            queue=queue,
+            handler=handler,
+            nc=nc,
+            js=js,
+            pool=pool,
+            shutdown_grace_s=settings.worker_shutdown_grace_s,
+            publish_timeout_s=settings.nats_timeout_s,
+        )
         logger.info("service started", extra={"queue": queue.name, "consumer": queue.durable})
         await worker.run(stop)
     logger.info("service stopped", extra={"queue": queue.name})

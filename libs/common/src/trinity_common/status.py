@@ -14,7 +14,6 @@ never goes backwards.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ import asyncpg
 import msgspec
 import nats.errors
 
-from trinity_common import names
+from trinity_common import broker, names
 from trinity_common.messages import (
     JobAccepted,
     JobCancelled,
@@ -36,6 +35,8 @@ from trinity_common.messages import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
@@ -76,6 +77,7 @@ class _Change(msgspec.Struct, kw_only=True, frozen=True):
     command: dict[str, Any] | None = None
     outcome: str | None = None
     worker: str | None = None
+    dead_lettered: bool = False
 
 
 def _change_of(event: StatusEvent) -> _Change:
@@ -127,6 +129,7 @@ def _change_of(event: StatusEvent) -> _Change:
                 error_type=event.error_type,
                 error_message=event.error_message,
                 outcome="failed",
+                dead_lettered=event.dead_lettered,
             )
         case JobCancelled():
             return _Change(
@@ -144,10 +147,10 @@ _APPLY_TO_JOB = """
 INSERT INTO jobs AS j (
     job_id, queue, state, submission, attempt, max_attempts, command, created_at,
     started_at, finished_at, heartbeat_at, progress_percent, progress_message,
-    summary, error_type, error_message, last_event_seq)
+    summary, error_type, error_message, last_event_seq, dead_lettered)
 VALUES (
     $1, $2, $3, $4, coalesce($5, 0), coalesce($6, 1), coalesce($7, '{}'::jsonb), $8,
-    $9, $10, $11, coalesce($12, 0), coalesce($13, ''), $14, $15, $16, $17)
+    $9, $10, $11, coalesce($12, 0), coalesce($13, ''), $14, $15, $16, $17, $18)
 ON CONFLICT (job_id) DO UPDATE SET
     state = EXCLUDED.state,
     attempt = coalesce($5, j.attempt),
@@ -169,6 +172,7 @@ ON CONFLICT (job_id) DO UPDATE SET
     error_type = coalesce(EXCLUDED.error_type, j.error_type),
     error_message = coalesce(EXCLUDED.error_message, j.error_message),
     last_event_seq = EXCLUDED.last_event_seq,
+    dead_lettered = j.dead_lettered OR EXCLUDED.dead_lettered,
     updated_at = now()
 WHERE j.state NOT IN ('succeeded', 'failed', 'cancelled')
   AND j.submission <= EXCLUDED.submission
@@ -215,6 +219,7 @@ async def apply_event(conn: Connection, event: StatusEvent, *, seq: int) -> None
         change.error_type,
         change.error_message,
         seq,
+        change.dead_lettered,
     )
     if event.attempt > 0 and (change.worker is not None or change.outcome is not None):
         await conn.execute(
@@ -248,24 +253,14 @@ class StatusProjector:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Project events until ``stop`` is set."""
-        sub = await self._js.pull_subscribe_bind(
-            durable=names.STATUS_CONSUMER, stream=names.STATUS_STREAM
-        )
-        try:
-            while not stop.is_set():
-                try:
-                    msgs = await sub.fetch(self._batch, timeout=1.0)
-                except nats.errors.TimeoutError:
-                    continue  # nothing to project yet
-                except (nats.errors.ConnectionClosedError, nats.errors.NoServersError):
-                    raise
-                except nats.errors.Error as err:
-                    logger.debug("status fetch failed", extra={"error_type": type(err).__name__})
-                    await _wait_or_stop(stop, self._retry_s)
-                    continue
-                await self._project(msgs)
-        finally:
-            await sub.unsubscribe()
+        async for msgs in broker.pull_batches(
+            self._js,
+            stream=names.STATUS_STREAM,
+            durable=names.STATUS_CONSUMER,
+            batch=self._batch,
+            stop=stop,
+        ):
+            await self._project(msgs)
 
     async def _project(self, msgs: list[Msg]) -> None:
         events = [(msg, self._decode(msg)) for msg in msgs]
@@ -299,10 +294,3 @@ async def _settle(operation: Any) -> None:
         await operation
     except nats.errors.Error as err:
         logger.debug("status ack lost", extra={"error_type": type(err).__name__})
-
-
-async def _wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        return

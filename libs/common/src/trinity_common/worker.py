@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -32,6 +32,8 @@ from trinity_common.deadletter import DeadLetter, publish_dead_letter
 from trinity_common.errors import PermanentJobError, RetryableJobError
 from trinity_common.logs import bind_job_context
 from trinity_common.messages import (
+    CancelRequest,
+    JobCancelled,
     JobEnvelope,
     JobFailed,
     JobProgressed,
@@ -44,6 +46,7 @@ from trinity_common.messages import (
 from trinity_common.status import publish_status
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
@@ -55,6 +58,7 @@ __all__ = ["Handler", "JobContext", "JobResult", "Worker"]
 logger = logging.getLogger(__name__)
 
 _envelope_decoder = msgspec.json.Decoder(JobEnvelope)
+_cancel_decoder = msgspec.json.Decoder(CancelRequest)
 _json = msgspec.json.Encoder()
 
 
@@ -71,7 +75,7 @@ class JobResult:
 
 @dataclass(kw_only=True)
 class _Outcome:
-    kind: str  # "succeeded" | "retry" | "failed"
+    kind: str  # "succeeded" | "retry" | "failed" | "cancelled"
     result: JobResult | None = None
     error_type: str = ""
     error_message: str = ""
@@ -93,6 +97,8 @@ class JobContext:
         self.pool = worker.pool
         self.percent = 0.0
         self.message = "started"
+        self.cancel_requested = False
+        self.cancel_reason = ""
         self._worker = worker
         self._published_at = 0.0
 
@@ -110,7 +116,7 @@ class JobContext:
             await self._worker.publish_progress(self)
 
 
-Handler: TypeAlias = Callable[[JobContext], Awaitable[JobResult]]
+Handler: TypeAlias = Callable[[JobContext], Coroutine[Any, Any, JobResult]]
 """A queue's job function: runs one attempt and returns its result, or raises."""
 
 
@@ -122,12 +128,14 @@ class Worker:
         *,
         queue: QueueSettings,
         handler: Handler,
+        nc: Client,
         js: JetStreamContext,
         pool: asyncpg.Pool,
         shutdown_grace_s: float = 10.0,
         publish_timeout_s: float = 2.0,
     ) -> None:
         self.queue = queue
+        self.nc = nc
         self.js = js
         self.pool = pool
         self._handler = handler
@@ -135,6 +143,7 @@ class Worker:
         self._publish_timeout_s = publish_timeout_s
         self._name = f"{socket.gethostname()}:{os.getpid()}"
         self._running: set[asyncio.Task[None]] = set()
+        self._active: dict[str, tuple[asyncio.Task[JobResult], JobContext]] = {}
         self.last_fetch_at = 0.0
         """Event-loop time of the last fetch that reached the server; for readiness."""
 
@@ -142,6 +151,9 @@ class Worker:
         """Fetch and run jobs until ``stop`` is set, then shut down gracefully."""
         sub = await self.js.pull_subscribe_bind(
             durable=self.queue.durable, stream=names.JOBS_STREAM
+        )
+        cancels = await self.nc.subscribe(
+            names.cancel_subject(self.queue.name), cb=self._on_cancel_request
         )
         stopped = asyncio.ensure_future(stop.wait())
         try:
@@ -158,6 +170,7 @@ class Worker:
             stopped.cancel()
             await self._drain()
             await sub.unsubscribe()
+            await cancels.unsubscribe()
 
     async def _fetch(self, sub: Any, count: int, stop: asyncio.Event) -> list[Msg]:
         # Fetch only what can start now: a message waiting in this process's
@@ -214,7 +227,11 @@ class Worker:
                 await _quietly(msg.nak(delay=self.queue.backoff_s(attempt)))
 
     async def _process_envelope(self, msg: Msg, envelope: JobEnvelope, attempt: int) -> None:
-        existing = await self._stored_summary(envelope.job_id)
+        existing, state = await self._prior_state(envelope.job_id)
+        if state == "cancelled":
+            logger.info("cancelled job skipped")
+            await msg.term()
+            return
         if existing is not None:
             logger.info("job already done, acknowledging redelivery")
             await self._publish(self._event(JobSucceeded, envelope, attempt, summary=existing))
@@ -237,10 +254,19 @@ class Worker:
         started = asyncio.get_running_loop().time()
         heartbeat = asyncio.create_task(self._heartbeat(msg, context))
         deadline = asyncio.timeout(self.queue.timeout_s)
+        # The handler runs in a task of its own, so a cancel request can stop it
+        # without cancelling this one, which still has to settle the message.
+        handler = asyncio.create_task(self._handler(context))
+        self._active[context.job_id] = (handler, context)
         try:
             async with deadline:
-                result = await self._handler(context)
+                result = await handler
             return _Outcome(kind="succeeded", result=result)
+        except asyncio.CancelledError:
+            if not context.cancel_requested:
+                handler.cancel()
+                raise  # shutdown: the caller hands the job back
+            return _Outcome(kind="cancelled", error_message=context.cancel_reason)
         except PermanentJobError as err:
             return _Outcome(kind="failed", error_type=err.error_type, error_message=err.message)
         except RetryableJobError as err:
@@ -259,6 +285,7 @@ class Worker:
             return _Outcome(kind="retry", error_type=type(err).__name__, error_message=str(err))
         finally:
             heartbeat.cancel()
+            self._active.pop(context.job_id, None)
             logger.debug(
                 "attempt finished",
                 extra={"duration_s": round(asyncio.get_running_loop().time() - started, 3)},
@@ -274,6 +301,11 @@ class Worker:
                 await self.publish_progress(context)
             except nats.errors.Error as err:
                 logger.debug("heartbeat lost", extra={"error_type": type(err).__name__})
+            # A cancel request broadcast while this process was disconnected is
+            # missed; the job's record is the fallback, read once a beat.
+            _, state = await self._prior_state(context.job_id)
+            if state == "cancelled":
+                self.cancel_job(context.job_id, reason="cancelled while running")
 
     async def publish_progress(self, context: JobContext) -> None:
         """Publish the context's latest progress; a lost one is not worth a retry."""
@@ -298,6 +330,13 @@ class Worker:
             )
             await msg.ack_sync(timeout=self._publish_timeout_s)
             logger.info("job succeeded")
+            return
+        if outcome.kind == "cancelled":
+            await self._publish(
+                self._event(JobCancelled, envelope, attempt, reason=outcome.error_message)
+            )
+            await msg.term()
+            logger.info("job cancelled while running")
             return
         if outcome.kind == "retry" and attempt < self.queue.max_attempts:
             delay = (
@@ -367,12 +406,35 @@ class Worker:
         )
         await _quietly(msg.term())
 
-    async def _stored_summary(self, job_id: str) -> dict[str, Any] | None:
-        row = await self.pool.fetchrow("SELECT summary FROM job_results WHERE job_id = $1", job_id)
+    async def _prior_state(self, job_id: str) -> tuple[dict[str, Any] | None, str | None]:
+        """Return the stored result's summary (None if none) and the job's recorded state."""
+        row = await self.pool.fetchrow(
+            "SELECT (SELECT summary FROM job_results WHERE job_id = $1) AS summary,"
+            " (SELECT state FROM jobs WHERE job_id = $1) AS state",
+            job_id,
+        )
         if row is None:
-            return None
-        summary: dict[str, Any] = row["summary"] or {}
-        return summary
+            return None, None
+        return row["summary"], row["state"]
+
+    def cancel_job(self, job_id: str, *, reason: str) -> bool:
+        """Cancel the job's running handler in this process; return whether one ran here."""
+        running = self._active.get(job_id)
+        if running is None:
+            return False
+        handler, context = running
+        context.cancel_requested, context.cancel_reason = True, reason
+        handler.cancel()
+        return True
+
+    async def _on_cancel_request(self, msg: Msg) -> None:
+        try:
+            request = _cancel_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            logger.warning("undecodable cancel request ignored", extra={"subject": msg.subject})
+            return
+        if self.cancel_job(request.job_id, reason=request.reason):
+            logger.info("cancel request received", extra={"job_id": request.job_id})
 
     async def _store_result(self, envelope: JobEnvelope, result: JobResult) -> None:
         data = _json.encode(result.data)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -15,14 +15,16 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 from trinity_common import broker
 from trinity_common.database import apply_migrations, create_pool
 from trinity_common.queues import QUEUES, load_queue_settings
+from trinity_common.reaper import ExhaustedJobReaper
 from trinity_common.status import StatusProjector
+from trinity_gateway.analyses import AnalysisController
 from trinity_gateway.datasets import DatasetController
 from trinity_gateway.health import HealthController
 from trinity_gateway.jobs import JobController
 from trinity_gateway.problems import exception_handlers
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 
     from trinity_gateway.settings import GatewaySettings
 
@@ -53,7 +55,12 @@ def create_app(settings: GatewaySettings, *, env: Mapping[str, str]) -> Litestar
             app.state.update(nc=nc, js=js, pool=pool, queues=queues, shutting_down=False)
             if settings.gateway_run_projector:
                 await broker.ensure_status_consumer(js)
-                await stack.enter_async_context(_projecting(StatusProjector(js=js, pool=pool)))
+                projector = StatusProjector(js=js, pool=pool)
+                reaper = ExhaustedJobReaper(
+                    js=js, pool=pool, publish_timeout_s=settings.nats_timeout_s
+                )
+                for run, name in ((projector.run, "status-projector"), (reaper.run, "reaper")):
+                    await stack.enter_async_context(_running(run, name, app.state.background))
             logger.info("gateway started", extra={"port": settings.gateway_port})
             try:
                 yield
@@ -61,7 +68,7 @@ def create_app(settings: GatewaySettings, *, env: Mapping[str, str]) -> Litestar
                 app.state.shutting_down = True
 
     return Litestar(
-        route_handlers=[JobController, DatasetController, HealthController],
+        route_handlers=[JobController, AnalysisController, DatasetController, HealthController],
         lifespan=[lifespan],
         state=_initial_state(settings),
         exception_handlers=exception_handlers,
@@ -79,14 +86,20 @@ def create_app(settings: GatewaySettings, *, env: Mapping[str, str]) -> Litestar
 
 
 def _initial_state(settings: GatewaySettings) -> State:
-    return State({"settings": settings, "shutting_down": True})
+    return State({"settings": settings, "shutting_down": True, "background": []})
 
 
 @contextlib.asynccontextmanager
-async def _projecting(projector: StatusProjector) -> AsyncIterator[None]:
+async def _running(
+    loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    name: str,
+    tasks: list[asyncio.Task[None]],
+) -> AsyncIterator[None]:
+    """Run a background loop for the life of the app, and stop it on the way out."""
     stop = asyncio.Event()
-    task = asyncio.create_task(projector.run(stop), name="status-projector")
-    task.add_done_callback(_report_projector_end)
+    task = asyncio.create_task(loop(stop), name=name)
+    task.add_done_callback(_report_end)
+    tasks.append(task)
     try:
         yield
     finally:
@@ -94,6 +107,10 @@ async def _projecting(projector: StatusProjector) -> AsyncIterator[None]:
         await asyncio.wait({task}, timeout=5)
 
 
-def _report_projector_end(task: asyncio.Task[None]) -> None:
+def _report_end(task: asyncio.Task[None]) -> None:
+    # A loop that dies takes readiness with it (see health), so an orchestrator
+    # restarts the process rather than leave statuses unprojected.
     if not task.cancelled() and task.exception() is not None:
-        logger.error("status projector stopped", exc_info=task.exception())
+        logger.error(
+            "background loop stopped", extra={"task": task.get_name()}, exc_info=task.exception()
+        )

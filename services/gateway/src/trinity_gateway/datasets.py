@@ -18,9 +18,9 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_413_REQUEST_ENTITY_TOO_
 from trinity_common import names
 from trinity_common.client import BrokerUnavailableError
 from trinity_common.commands import AnalysisOptions, RunAnalysis
-from trinity_gateway.jobs import accept_job
 from trinity_gateway.problems import problem_spec
 from trinity_gateway.schemas import DatasetResponse, UploadResponse
+from trinity_gateway.submission import accept_job
 
 if TYPE_CHECKING:
     import asyncpg

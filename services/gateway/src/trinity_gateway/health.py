@@ -35,6 +35,9 @@ async def _checks(state: State) -> dict[str, str]:
     checks = {"nats": _check_nats(state), "database": await _check_database(state)}
     if state.shutting_down:
         checks["gateway"] = "down: shutting down"
+    for task in state.background:
+        if task.done():
+            checks[task.get_name()] = "down: stopped"
     return checks
 
 

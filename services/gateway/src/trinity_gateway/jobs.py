@@ -1,154 +1,140 @@
-"""Submitting jobs and following them."""
+"""Jobs: submit, follow, list, cancel, retry."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated
+from collections import defaultdict
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated, Any
 
-import asyncpg
 import msgspec
-from litestar import Controller, Response, get, post
+import nats.errors
+from litestar import Controller, Response, delete, get, post
 from litestar.datastructures import State
-from litestar.exceptions import NotFoundException, ValidationException
-from litestar.params import JSONBody, PathParameter
-from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_422_UNPROCESSABLE_ENTITY
+from litestar.exceptions import ClientException, ValidationException
+from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
+from litestar.status_codes import (
+    HTTP_200_OK,
+    HTTP_202_ACCEPTED,
+    HTTP_409_CONFLICT,
+    HTTP_422_UNPROCESSABLE_ENTITY,
+)
 
-from trinity_common.client import BrokerUnavailableError, submit_job
-from trinity_common.commands import RunAnalysis
+from trinity_common import names
+from trinity_common.client import submit_job
+from trinity_common.commands import Command, RunAnalysis
+from trinity_common.messages import CancelRequest as CancelBroadcast
+from trinity_common.messages import JobCancelled, JobState, utc_now
+from trinity_common.status import publish_status
+from trinity_gateway.documents import decode_cursor, encode_cursor, job_response, load_job
 from trinity_gateway.problems import problem_spec
 from trinity_gateway.schemas import (
     AcceptedResponse,
-    AnalysisResponse,
-    Attempt,
-    JobError,
+    CancelRequest,
+    JobPage,
     JobResponse,
-    JobResult,
-    Progress,
     RunAnalysisRequest,
+)
+from trinity_gateway.submission import (
+    IdempotencyConflictError,
+    accept_job,
+    accepted,
+    claim_key,
+    release_key,
+    request_hash,
 )
 
 if TYPE_CHECKING:
-    from trinity_common.commands import Command
-    from trinity_common.messages import JobEnvelope
+    import asyncpg
+
+__all__ = ["JobController"]
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["JobController", "accept_job"]
 
 JobId = Annotated[
     str,
     PathParameter(pattern=r"^[0-9a-f]{32}$", description="A job id, as returned on submission."),
 ]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="Repeat a submission safely: the same key and body return the same job.",
+    ),
+]
+Limit = Annotated[int, QueryParameter(ge=1, le=500, description="Most items per page.")]
+Cursor = Annotated[
+    str | None, QueryParameter(description="The `next_cursor` of the previous page.")
+]
+QueueFilter = Annotated[str | None, QueryParameter(description="Only jobs of this queue.")]
+
+_NOT_FOUND = problem_spec("no job with that id")
+_TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def status_url(job_id: str) -> str:
-    """Return the path of a job's status document."""
-    return f"/api/jobs/{job_id}"
+class ConflictError(ClientException):
+    """The job is not in a state that allows the request."""
+
+    status_code = HTTP_409_CONFLICT
 
 
-async def accept_job(state: State, queue_name: str, command: Command) -> AcceptedResponse:
-    """Publish a job, then record it as queued, and answer only once both are done.
-
-    JetStream's ack is what makes the job durable, so nothing is written before
-    it: a failed publish leaves nothing behind. The record written afterwards
-    lets a read right after the answer find the job queued; should that write
-    fail, the job still runs and the status projection creates the record from
-    the job's accepted event, so the answer stays 202.
-    """
-    if not state.nc.is_connected:
-        raise BrokerUnavailableError("NATS is not connected")
-    queue = state.queues[queue_name]
-    envelope = await submit_job(
-        state.js, queue, command, ack_timeout_s=state.settings.nats_timeout_s
+def _unknown_dataset(dataset_id: str) -> ValidationException:
+    return ValidationException(
+        f"no dataset with id {dataset_id}",
+        status_code=HTTP_422_UNPROCESSABLE_ENTITY,
+        extra=[{"key": "dataset_id", "message": "no such dataset", "source": "body"}],
     )
+
+
+async def _submit_once(
+    state: State, queue: str, command: Command, key: str | None
+) -> AcceptedResponse:
+    if key is None:
+        return await accept_job(state, queue, command)
+    ttl = timedelta(seconds=state.settings.gateway_idempotency_ttl_s)
     try:
-        await _record_queued(state.pool, envelope, max_attempts=queue.max_attempts)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
-        logger.warning(
-            "queued record deferred to projection",
-            extra={"job_id": envelope.job_id, "error_type": type(err).__name__},
-        )
-    return AcceptedResponse(
-        job_id=envelope.job_id,
-        queue=queue.name,
-        state="queued",
-        status_url=status_url(envelope.job_id),
-    )
+        claim = await claim_key(state.pool, key, request_hash(queue, command), ttl=ttl)
+    except IdempotencyConflictError as err:
+        raise ValidationException(
+            "this Idempotency-Key was used with a different request",
+            status_code=HTTP_422_UNPROCESSABLE_ENTITY,
+            extra=[{"key": "Idempotency-Key", "message": "used before", "source": "header"}],
+        ) from err
+    if not claim.is_new:
+        return accepted(claim.job_id, queue)
+    try:
+        return await accept_job(state, queue, command, job_id=claim.job_id)
+    except BaseException:
+        await release_key(state.pool, key, claim.job_id)
+        raise
 
 
-async def _record_queued(pool: asyncpg.Pool, envelope: JobEnvelope, *, max_attempts: int) -> None:
-    # The job's durability is JetStream's; this row only mirrors it, and the
-    # status stream rebuilds it if lost. So its commit need not wait for a disk
-    # flush: set_config(..., true) applies to this statement's own transaction.
-    await pool.execute(
-        "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))"
-        " INSERT INTO jobs (job_id, queue, state, max_attempts, command, created_at)"
-        " SELECT $1, $2, 'queued', $3, $4, $5 FROM async_commit"
-        " ON CONFLICT (job_id) DO NOTHING",
-        envelope.job_id,
-        envelope.queue,
-        max_attempts,
-        msgspec.to_builtins(envelope.command),
-        envelope.created_at,
-    )
+async def _page(
+    pool: asyncpg.Pool, state: State, rows: list[asyncpg.Record], limit: int, at_column: str
+) -> JobPage:
+    more = len(rows) > limit
+    rows = rows[:limit]
+    attempts: dict[str, list[asyncpg.Record]] = defaultdict(list)
+    for record in await pool.fetch(
+        "SELECT a.* FROM job_attempts a JOIN jobs j USING (job_id)"
+        " WHERE a.job_id = ANY($1) AND a.submission = j.submission ORDER BY a.attempt",
+        [row["job_id"] for row in rows],
+    ):
+        attempts[record["job_id"]].append(record)
+    items = [job_response(row, attempts[row["job_id"]], state.queues) for row in rows]
+    last = rows[-1] if rows else None
+    cursor = encode_cursor(last[at_column], last["job_id"]) if more and last else None
+    return JobPage(items=items, next_cursor=cursor)
 
 
-async def _dataset_exists(pool: asyncpg.Pool, dataset_id: str) -> bool:
-    return bool(await pool.fetchval("SELECT 1 FROM datasets WHERE dataset_id = $1", dataset_id))
-
-
-async def _load_job(pool: asyncpg.Pool, job_id: str) -> JobResponse:
-    row = await pool.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
-    if row is None:
-        raise NotFoundException(f"no job with id {job_id}")
-    attempts = await pool.fetch(
-        "SELECT * FROM job_attempts WHERE job_id = $1 AND submission = $2 ORDER BY attempt",
-        job_id,
-        row["submission"],
-    )
-    return _job_response(row, attempts)
-
-
-def _error_of(error_type: str | None, message: str | None) -> JobError | None:
-    if error_type is None:
-        return None
-    return JobError(type=error_type, message=message or "")
-
-
-def _job_response(row: asyncpg.Record, attempts: list[asyncpg.Record]) -> JobResponse:
-    result = None
-    if row["state"] == "succeeded":
-        url = f"/api/analyses/{row['job_id']}" if row["queue"] == "analysis" else None
-        result = JobResult(summary=row["summary"] or {}, url=url)
-    return JobResponse(
-        job_id=row["job_id"],
-        queue=row["queue"],
-        state=row["state"],
-        progress=Progress(percent=row["progress_percent"], message=row["progress_message"]),
-        attempt=row["attempt"],
-        max_attempts=row["max_attempts"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        heartbeat_at=row["heartbeat_at"],
-        result=result,
-        error=_error_of(row["error_type"], row["error_message"]),
-        attempts=[
-            Attempt(
-                attempt=a["attempt"],
-                worker=a["worker"],
-                started_at=a["started_at"],
-                finished_at=a["finished_at"],
-                outcome=a["outcome"],
-                error=_error_of(a["error_type"], a["error_message"]),
-            )
-            for a in attempts
-        ],
-    )
+def _position(cursor: str | None) -> tuple[Any, str]:
+    return decode_cursor(cursor) if cursor else (None, "")
 
 
 class JobController(Controller):
-    """Jobs: submit, follow, fetch results."""
+    """Jobs: submit, follow, list, cancel, retry."""
 
     path = "/api"
     tags = ["jobs"]  # noqa: RUF012 - Litestar reads it as a class attribute
@@ -157,51 +143,170 @@ class JobController(Controller):
         "/analysis",
         status_code=HTTP_202_ACCEPTED,
         responses={
-            422: problem_spec("the body is malformed or names an unknown dataset"),
+            400: problem_spec("the body is malformed; every bad field is listed"),
+            422: problem_spec("unknown dataset, or an Idempotency-Key reused with another body"),
             503: problem_spec("NATS is unreachable or the queue is full; retry later"),
         },
     )
     async def submit_analysis(
-        self, state: State, data: JSONBody[RunAnalysisRequest]
+        self,
+        state: State,
+        data: JSONBody[RunAnalysisRequest],
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[AcceptedResponse]:
         """Queue an analysis of an uploaded dataset; answers once the job is durable."""
-        if not await _dataset_exists(state.pool, data.dataset_id):
-            raise ValidationException(
-                f"no dataset with id {data.dataset_id}",
-                status_code=HTTP_422_UNPROCESSABLE_ENTITY,
-                extra=[{"key": "dataset_id", "message": "no such dataset", "source": "body"}],
-            )
-        accepted = await accept_job(
-            state, "analysis", RunAnalysis(dataset_id=data.dataset_id, options=data.options)
+        exists = await state.pool.fetchval(
+            "SELECT 1 FROM datasets WHERE dataset_id = $1", data.dataset_id
         )
-        return Response(accepted, headers={"Location": accepted.status_url})
+        if not exists:
+            raise _unknown_dataset(data.dataset_id)
+        command = RunAnalysis(dataset_id=data.dataset_id, options=data.options)
+        answer = await _submit_once(state, "analysis", command, idempotency_key)
+        return Response(answer, headers={"Location": answer.status_url})
 
-    @get("/jobs/{job_id:str}", responses={404: problem_spec("no job with that id")})
+    @get("/jobs", responses={400: problem_spec("a malformed filter or cursor")})
+    async def list_jobs(
+        self,
+        state: State,
+        queue: QueueFilter = None,
+        job_state: Annotated[
+            JobState | None, QueryParameter(name="state", description="Only jobs in this state.")
+        ] = None,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+    ) -> JobPage:
+        """List jobs, newest first, a page at a time."""
+        at, after = _position(cursor)
+        rows = await state.pool.fetch(
+            "SELECT * FROM jobs WHERE ($1::text IS NULL OR queue = $1)"
+            " AND ($2::text IS NULL OR state = $2)"
+            " AND ($3::timestamptz IS NULL OR (created_at, job_id) < ($3, $4))"
+            " ORDER BY created_at DESC, job_id DESC LIMIT $5",
+            queue,
+            job_state,
+            at,
+            after,
+            limit + 1,
+        )
+        return await _page(state.pool, state, rows, limit, "created_at")
+
+    @get("/jobs/{job_id:str}", responses={404: _NOT_FOUND})
     async def get_job(self, state: State, job_id: JobId) -> JobResponse:
         """Return a job's state, progress, attempts, and result or error."""
-        return await _load_job(state.pool, job_id)
+        return await load_job(state.pool, job_id, state.queues)
 
     @get(
         "/queue/status/{job_id:str}",
-        responses={404: problem_spec("no job with that id")},
+        responses={404: _NOT_FOUND},
         description="The same document as GET /api/jobs/{job_id}, for older clients.",
     )
     async def get_queue_status(self, state: State, job_id: JobId) -> JobResponse:
         """Return a job's status (the route older clients use)."""
-        return await _load_job(state.pool, job_id)
+        return await load_job(state.pool, job_id, state.queues)
 
-    @get(
-        "/analyses/{job_id:str}",
-        responses={404: problem_spec("no finished analysis with that job id")},
+    @delete(
+        "/jobs/{job_id:str}",
+        status_code=HTTP_200_OK,
+        responses={404: _NOT_FOUND, 409: problem_spec("the job already finished")},
     )
-    async def get_analysis(self, state: State, job_id: JobId) -> AnalysisResponse:
-        """Return the full profile an analysis job produced."""
+    async def cancel_job(
+        self, state: State, job_id: JobId, data: JSONBody[CancelRequest | None] = None
+    ) -> JobResponse:
+        """Cancel a queued or running job: a queued one never runs, a running one is stopped."""
+        reason = (data.reason if data else "") or "cancelled by request"
         row = await state.pool.fetchrow(
-            "SELECT r.result, j.command FROM job_results r JOIN jobs j USING (job_id)"
-            " WHERE r.job_id = $1 AND r.queue = 'analysis'",
+            "UPDATE jobs SET state = 'cancelled', finished_at = now(), error_type = 'cancelled',"
+            " error_message = $2, updated_at = now()"
+            " WHERE job_id = $1 AND state NOT IN ('succeeded', 'failed', 'cancelled')"
+            " RETURNING queue, submission, attempt",
             job_id,
+            reason,
         )
         if row is None:
-            raise NotFoundException(f"no finished analysis for job {job_id}")
-        dataset_id = str(row["command"].get("dataset_id", ""))
-        return AnalysisResponse(job_id=job_id, dataset_id=dataset_id, profile=row["result"])
+            current = await load_job(state.pool, job_id, state.queues)
+            raise ConflictError(
+                f"job {job_id} already {current.state}; only unfinished jobs can be cancelled"
+            )
+        await _announce_cancel(state, job_id, row, reason)
+        return await load_job(state.pool, job_id, state.queues)
+
+    @post(
+        "/jobs/{job_id:str}/retry",
+        status_code=HTTP_202_ACCEPTED,
+        responses={
+            404: _NOT_FOUND,
+            409: problem_spec("only a failed, dead-lettered job can be retried"),
+            503: problem_spec("NATS is unreachable; nothing was changed"),
+        },
+    )
+    async def retry_job(self, state: State, job_id: JobId) -> Response[AcceptedResponse]:
+        """Queue a dead-lettered job again, with a fresh set of attempts."""
+        async with state.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE jobs SET state = 'queued', submission = submission + 1, attempt = 0,"
+                " progress_percent = 0, progress_message = '', started_at = NULL,"
+                " finished_at = NULL, heartbeat_at = NULL, error_type = NULL,"
+                " error_message = NULL, summary = NULL, dead_lettered = false, updated_at = now()"
+                " WHERE job_id = $1 AND state = 'failed' AND dead_lettered"
+                " RETURNING queue, submission, command",
+                job_id,
+            )
+            if row is None:
+                current = await load_job(state.pool, job_id, state.queues)
+                raise ConflictError(
+                    f"job {job_id} is {current.state}; only a failed, dead-lettered job"
+                    " can be retried"
+                )
+            queue = state.queues[row["queue"]]
+            command = msgspec.convert(row["command"], Command)
+            # The new submission number gives the publish a new message id, so
+            # JetStream's de-duplication window cannot swallow it.
+            await submit_job(
+                state.js,
+                queue,
+                command,
+                job_id=job_id,
+                submission=row["submission"],
+                ack_timeout_s=state.settings.nats_timeout_s,
+            )
+        answer = accepted(job_id, queue.name)
+        return Response(answer, headers={"Location": answer.status_url})
+
+    @get("/dead-letters", responses={400: problem_spec("a malformed filter or cursor")})
+    async def list_dead_letters(
+        self, state: State, queue: QueueFilter = None, limit: Limit = 50, cursor: Cursor = None
+    ) -> JobPage:
+        """List jobs whose attempts ran out, most recent first."""
+        at, after = _position(cursor)
+        rows = await state.pool.fetch(
+            "SELECT * FROM jobs WHERE dead_lettered AND ($1::text IS NULL OR queue = $1)"
+            " AND ($2::timestamptz IS NULL OR (finished_at, job_id) < ($2, $3))"
+            " ORDER BY finished_at DESC, job_id DESC LIMIT $4",
+            queue,
+            at,
+            after,
+            limit + 1,
+        )
+        return await _page(state.pool, state, rows, limit, "finished_at")
+
+
+async def _announce_cancel(state: State, job_id: str, row: asyncpg.Record, reason: str) -> None:
+    # The record already says cancelled, which every worker checks before it
+    # starts a job and once a heartbeat while it runs; the broadcast only makes
+    # a running job stop at once. Losing either message delays, never undoes.
+    try:
+        await state.nc.publish(
+            names.cancel_subject(row["queue"]),
+            msgspec.json.encode(CancelBroadcast(job_id=job_id, reason=reason)),
+        )
+        event = JobCancelled(
+            job_id=job_id,
+            queue=row["queue"],
+            at=utc_now(),
+            submission=row["submission"],
+            attempt=row["attempt"],
+            reason=reason,
+        )
+        await publish_status(state.js, event, ack_timeout_s=state.settings.nats_timeout_s)
+    except nats.errors.Error as err:
+        logger.warning("cancel broadcast lost", extra={"job_id": job_id, "error": repr(err)})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -15,6 +15,7 @@ __all__ = [
     "AnalysisResponse",
     "DatasetResponse",
     "HealthResponse",
+    "JobPage",
     "JobResponse",
     "RunAnalysisRequest",
     "UploadResponse",
@@ -91,12 +92,16 @@ class Attempt(msgspec.Struct, kw_only=True, frozen=True):
     error: JobError | None
 
 
+JobStatus = Literal["queued", "running", "stalled", "retrying", "succeeded", "failed", "cancelled"]
+"""A job's state as shown: ``stalled`` is a running job whose heartbeats stopped."""
+
+
 class JobResponse(msgspec.Struct, kw_only=True, frozen=True):
     """A job's status, as of its latest event."""
 
     job_id: str
     queue: str
-    state: JobState
+    state: JobStatus
     progress: Progress
     attempt: int
     max_attempts: int
@@ -107,6 +112,8 @@ class JobResponse(msgspec.Struct, kw_only=True, frozen=True):
     """When the running attempt last reported in; a stalled job shows it ageing."""
     result: JobResult | None
     error: JobError | None
+    dead_lettered: bool
+    """Whether the job's attempts ran out; ``POST /api/jobs/{job_id}/retry`` runs it anew."""
     attempts: list[Attempt]
 
 
@@ -116,6 +123,20 @@ class AnalysisResponse(msgspec.Struct, kw_only=True, frozen=True):
     job_id: str
     dataset_id: str
     profile: dict[str, Any]
+
+
+class JobPage(msgspec.Struct, kw_only=True, frozen=True):
+    """A page of jobs, newest first."""
+
+    items: list[JobResponse]
+    next_cursor: str | None
+    """Pass as ``cursor`` to get the next page; None on the last page."""
+
+
+class CancelRequest(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Why a job is cancelled; the body is optional."""
+
+    reason: Annotated[str, msgspec.Meta(max_length=500)] = ""
 
 
 class HealthResponse(msgspec.Struct, kw_only=True, frozen=True):

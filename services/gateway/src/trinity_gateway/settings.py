@@ -30,4 +30,7 @@ class GatewaySettings(ConnectionSettings, kw_only=True, frozen=True):
     """Seconds a client is told to wait (``Retry-After``) when a dependency is down."""
 
     gateway_run_projector: bool = True
-    """Whether this process folds status events into the job table."""
+    """Whether this process folds status events into the job table and reaps exhausted jobs."""
+
+    gateway_idempotency_ttl_s: Annotated[int, msgspec.Meta(ge=60)] = 86_400
+    """How long an ``Idempotency-Key`` keeps returning the job it first created."""
