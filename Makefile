@@ -33,3 +33,6 @@ format: setup
 bench: setup  ## Publish and accept rates, printed side by side (needs wrk)
 	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null
 	$(RUN) python bench/accept.py
+
+soak: setup  ## 10,000 analysis jobs through SIGKILLs and a NATS restart; prints the counts
+	$(RUN) python scripts/soak.py $(if $(JOBS),--jobs $(JOBS))

@@ -57,6 +57,9 @@ __all__ = ["Handler", "JobContext", "JobResult", "Worker"]
 
 logger = logging.getLogger(__name__)
 
+RESULT_INLINE_MAX_BYTES = 256 * 1024
+"""Results larger than this (encoded) go to the object store instead of their row."""
+
 _envelope_decoder = msgspec.json.Decoder(JobEnvelope)
 _cancel_decoder = msgspec.json.Decoder(CancelRequest)
 _json = msgspec.json.Encoder()
@@ -438,12 +441,21 @@ class Worker:
 
     async def _store_result(self, envelope: JobEnvelope, result: JobResult) -> None:
         data = _json.encode(result.data)
+        inline: str | None = data.decode()
+        object_name: str | None = None
+        if len(data) > RESULT_INLINE_MAX_BYTES:
+            # Big results live beside big uploads, in the object store; the row
+            # keeps the reference. A redelivery overwrites the object with equal bytes.
+            store = await self.js.object_store(names.RESULTS_BUCKET)
+            await store.put(envelope.job_id, data)
+            inline, object_name = None, envelope.job_id
         await self.pool.execute(
-            "INSERT INTO job_results (job_id, queue, result, summary, size_bytes)"
-            " VALUES ($1, $2, $3::text::jsonb, $4, $5) ON CONFLICT (job_id) DO NOTHING",
+            "INSERT INTO job_results (job_id, queue, result, object_name, summary, size_bytes)"
+            " VALUES ($1, $2, $3::text::jsonb, $4, $5, $6) ON CONFLICT (job_id) DO NOTHING",
             envelope.job_id,
             self.queue.name,
-            data.decode(),
+            inline,
+            object_name,
             result.summary,
             len(data),
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -11,13 +13,39 @@ from trinity_common.settings import load_settings
 from trinity_gateway.app import create_app
 from trinity_gateway.settings import GatewaySettings
 
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from litestar import Litestar
+
+
+class _Server(uvicorn.Server):
+    """Turns not-ready first on SIGTERM, then stops like uvicorn does.
+
+    Between the two, for ``gateway_shutdown_delay_s``, requests are still
+    served while load balancers see readiness fail and stop sending new ones;
+    uvicorn then finishes the requests in flight and the app drains NATS.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, app: Litestar, delay_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._delay_s = delay_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._app.state.shutting_down or self._delay_s <= 0:
+            super().handle_exit(sig, frame)
+            return
+        self._app.state.shutting_down = True
+        asyncio.get_running_loop().call_later(self._delay_s, super().handle_exit, sig, frame)
+
 
 def main() -> None:
-    """Serve the HTTP API until SIGTERM, then finish requests in flight and exit."""
+    """Serve the HTTP API until SIGTERM, then finish requests in flight and exit 0."""
     settings = load_settings(GatewaySettings, os.environ)
     configure_logging(service="gateway", level=settings.log_level, log_format=settings.log_format)
     app = create_app(settings, env=os.environ)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.gateway_host,
         port=settings.gateway_port,
@@ -25,8 +53,10 @@ def main() -> None:
         http="httptools",
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=30,
     )
+    server = _Server(config, app=app, delay_s=settings.gateway_shutdown_delay_s)
+    server.run()
 
 
 if __name__ == "__main__":

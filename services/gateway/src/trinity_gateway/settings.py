@@ -26,6 +26,9 @@ class GatewaySettings(ConnectionSettings, kw_only=True, frozen=True):
     gateway_max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024
     """Largest JSON request body accepted."""
 
+    gateway_shutdown_delay_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0
+    """On SIGTERM, how long to keep serving while readiness fails, before stopping."""
+
     gateway_retry_after_s: Annotated[int, msgspec.Meta(ge=1)] = 5
     """Seconds a client is told to wait (``Retry-After``) when a dependency is down."""
 
