@@ -6,13 +6,13 @@ import hashlib
 import logging
 import mimetypes
 import uuid
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import nats.errors
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.exceptions import ClientException, NotFoundException
-from litestar.params import MultipartBody, PathParameter, QueryParameter
+from litestar.params import PathParameter, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 from trinity_common import names
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 __all__ = ["DatasetController"]
 
 logger = logging.getLogger(__name__)
+
+UPLOAD_FIELD = "data"
+"""The multipart form field that carries the file."""
 
 DatasetId = Annotated[str, PathParameter(pattern=r"^[0-9a-f]{32}$", description="A dataset id.")]
 
@@ -76,6 +79,23 @@ async def _forget_bytes(state: State, dataset_id: str) -> None:
         logger.warning("orphaned dataset bytes left in store", extra={"dataset_id": dataset_id})
 
 
+async def _file_of(request: Request[Any, Any, Any]) -> UploadFile:
+    media_type, _ = request.content_type
+    if media_type != "multipart/form-data":
+        raise ClientException(
+            f"send the file as multipart/form-data in a field named {UPLOAD_FIELD!r},"
+            f" not {media_type or 'an empty body'}"
+        )
+    form = await request.form()
+    upload = form.get(UPLOAD_FIELD)
+    if not isinstance(upload, UploadFile):
+        raise ClientException(
+            f"the form has no file in a field named {UPLOAD_FIELD!r}",
+            extra=[{"key": UPLOAD_FIELD, "message": "missing file", "source": "body"}],
+        )
+    return upload
+
+
 class DatasetController(Controller):
     """Datasets: upload a file, read its record."""
 
@@ -86,7 +106,7 @@ class DatasetController(Controller):
         "/upload",
         status_code=HTTP_201_CREATED,
         responses={
-            400: problem_spec("the form has no file field"),
+            400: problem_spec("the body is not a multipart form with a file in field `data`"),
             413: problem_spec("the file is larger than the upload limit, stated in the body"),
             503: problem_spec("storage or the job queue is unavailable; retry later"),
         },
@@ -94,12 +114,16 @@ class DatasetController(Controller):
     async def upload_dataset(
         self,
         state: State,
-        data: MultipartBody[UploadFile],
+        request: Request[Any, Any, Any],
         analyze: Annotated[
             bool, QueryParameter(description="Also queue an analysis of the file.")
         ] = False,
     ) -> Response[UploadResponse]:
-        """Store a dataset file (CSV, TSV, JSON lines, Parquet); ``?analyze=true`` profiles it."""
+        """Store a dataset file (CSV, TSV, JSON lines, Parquet); ``?analyze=true`` profiles it.
+
+        Send the file as ``multipart/form-data``, in a field named ``data``.
+        """
+        data = await _file_of(request)
         limit = state.settings.gateway_max_upload_bytes
         content = await data.read(limit + 1)
         if len(content) > limit:

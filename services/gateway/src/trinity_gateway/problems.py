@@ -69,13 +69,17 @@ def _field_of(item: dict[str, Any]) -> str:
     return key.removeprefix("$.") if source == "body" else f"{source}.{key}"
 
 
-def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+def _problems_of(exc: HTTPException) -> list[Problem]:
     extra = exc.extra if isinstance(exc.extra, list) else []
-    problems = [
+    return [
         Problem(field=_field_of(item), message=str(item.get("message", "")))
         for item in extra
         if isinstance(item, dict)
     ]
+
+
+def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    problems = _problems_of(exc)
     return problem(exc.status_code, _validation_detail(exc, problems), problems)
 
 
@@ -88,7 +92,7 @@ def _validation_detail(exc: ValidationException, problems: list[Problem]) -> str
 
 
 def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    return problem(exc.status_code, str(exc.detail), headers=exc.headers)
+    return problem(exc.status_code, str(exc.detail), _problems_of(exc), headers=exc.headers)
 
 
 def _unavailable(request: Request[Any, Any, Any], detail: str) -> Response[Any]:
