@@ -13,18 +13,20 @@ import logging
 import signal
 from typing import TYPE_CHECKING, Annotated
 
+import asyncpg
 import msgspec
 import uvloop
 
 from trinity_common import broker
 from trinity_common.database import apply_migrations, create_pool
 from trinity_common.logs import configure_logging
+from trinity_common.probes import serving_probes
 from trinity_common.queues import load_queue_settings
 from trinity_common.settings import ConnectionSettings, load_settings
 from trinity_common.worker import Worker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping
     from contextlib import AbstractAsyncContextManager
 
     from trinity_common.queues import QueueSettings
@@ -40,6 +42,15 @@ class WorkerSettings(ConnectionSettings, kw_only=True, frozen=True):
 
     worker_shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
     """On SIGTERM, how long running jobs may go on before they are handed back."""
+
+    worker_health_host: str = "127.0.0.1"
+    """Address the liveness and readiness probes listen on; ``0.0.0.0`` in a container."""
+
+    worker_health_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 0
+    """Port of the probes (``/health/live``, ``/health/ready``); 0 serves none."""
+
+    worker_fetch_stale_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    """Readiness fails when no fetch has reached NATS for this long."""
 
 
 async def serve_queue(
@@ -76,9 +87,35 @@ async def serve_queue(
             shutdown_grace_s=settings.worker_shutdown_grace_s,
             publish_timeout_s=settings.nats_timeout_s,
         )
+        checks = _readiness_checks(worker, pool, stale_s=settings.worker_fetch_stale_s)
+        await stack.enter_async_context(
+            serving_probes(
+                host=settings.worker_health_host, port=settings.worker_health_port, checks=checks
+            )
+        )
         logger.info("service started", extra={"queue": queue.name, "consumer": queue.durable})
         await worker.run(stop)
     logger.info("service stopped", extra={"queue": queue.name})
+
+
+def _readiness_checks(
+    worker: Worker, pool: asyncpg.Pool, *, stale_s: float
+) -> dict[str, Callable[[], Awaitable[str]]]:
+    async def nats_check() -> str:
+        if not worker.nc.is_connected:
+            return "down: not connected"
+        silence = asyncio.get_running_loop().time() - worker.last_fetch_at
+        return "ok" if silence < stale_s else f"down: no fetch reached NATS for {silence:.0f} s"
+
+    async def database_check() -> str:
+        try:
+            async with asyncio.timeout(1.0):
+                await pool.fetchval("SELECT 1")
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+            return f"down: {type(err).__name__}"
+        return "ok"
+
+    return {"nats": nats_check, "database": database_check}
 
 
 def run_worker_service(
