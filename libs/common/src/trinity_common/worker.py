@@ -21,7 +21,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 import msgspec
@@ -56,6 +56,11 @@ if TYPE_CHECKING:
 __all__ = ["Handler", "JobContext", "JobResult", "Worker"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What a database that is down, slow or restarting raises."""
 
 RESULT_INLINE_MAX_BYTES = 256 * 1024
 """Results larger than this (encoded) go to the object store instead of their row."""
@@ -223,14 +228,14 @@ class Worker:
                 # Shutdown outlasted its grace: hand the job back at once.
                 await _quietly(msg.nak())
                 raise
-            except (nats.errors.Error, OSError, asyncpg.PostgresError) as err:
+            except (nats.errors.Error, *DATABASE_ERRORS) as err:
                 # The outcome could not be recorded; JetStream redelivers the job
                 # after its ack deadline and the stored result, if any, is reused.
                 logger.warning("job outcome not recorded", extra={"error_type": type(err).__name__})
                 await _quietly(msg.nak(delay=self.queue.backoff_s(attempt)))
 
     async def _process_envelope(self, msg: Msg, envelope: JobEnvelope, attempt: int) -> None:
-        existing, state = await self._prior_state(envelope.job_id)
+        existing, state = await self._patiently(msg, self._prior_state, envelope.job_id)
         if state == "cancelled":
             logger.info("cancelled job skipped")
             await msg.term()
@@ -306,7 +311,10 @@ class Worker:
                 logger.debug("heartbeat lost", extra={"error_type": type(err).__name__})
             # A cancel request broadcast while this process was disconnected is
             # missed; the job's record is the fallback, read once a beat.
-            _, state = await self._prior_state(context.job_id)
+            try:
+                _, state = await self._prior_state(context.job_id)
+            except DATABASE_ERRORS:
+                continue  # the next beat asks again
             if state == "cancelled":
                 self.cancel_job(context.job_id, reason="cancelled while running")
 
@@ -327,7 +335,7 @@ class Worker:
     async def _settle(self, msg: Msg, context: JobContext, outcome: _Outcome) -> None:
         attempt, envelope = context.attempt, context.envelope
         if outcome.kind == "succeeded" and outcome.result is not None:
-            await self._store_result(envelope, outcome.result)
+            await self._patiently(msg, self._store_result, envelope, outcome.result)
             await self._publish(
                 self._event(JobSucceeded, envelope, attempt, summary=outcome.result.summary)
             )
@@ -408,6 +416,27 @@ class Worker:
             )
         )
         await _quietly(msg.term())
+
+    async def _patiently(self, msg: Msg, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run a database ``operation``, riding out an outage of up to an ack deadline.
+
+        Naking on every database hiccup would spend the job's attempts on trouble
+        that is not the job's; instead the job is held (its ack deadline kept
+        fresh) and the operation retried, until half the ack wait has passed.
+        """
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.queue.ack_wait_s / 2
+        delay = 0.25
+        while True:
+            try:
+                return await operation(*args)
+            except DATABASE_ERRORS as err:
+                if loop.time() + delay > give_up_at:
+                    raise
+                logger.warning("database unavailable, holding job", extra={"error": repr(err)})
+            await asyncio.sleep(delay)
+            await _quietly(msg.in_progress())
+            delay = min(delay * 2, 5.0)
 
     async def _prior_state(self, job_id: str) -> tuple[dict[str, Any] | None, str | None]:
         """Return the stored result's summary (None if none) and the job's recorded state."""
