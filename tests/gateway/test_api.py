@@ -159,7 +159,7 @@ async def test_submit_answers_503_fast_when_nats_is_down(
 
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
-    assert "nothing was recorded" in response.json()["detail"]
+    assert "nothing was queued" in response.json()["detail"]
     assert await count_rows(database, "jobs") == 0
     assert ready.status_code == 503
     assert ready.json()["checks"]["nats"].startswith("down")

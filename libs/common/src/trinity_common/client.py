@@ -112,5 +112,10 @@ async def _publish_envelope(
         if err.err_code in _STREAM_FULL_CODES:
             raise QueueFullError(f"the {envelope.queue} queue is full") from err
         raise BrokerUnavailableError(f"JetStream refused the job: {err.description}") from err
+    except nats.errors.OutboundBufferLimitError as err:
+        raise BrokerUnavailableError("NATS is not connected; nothing was queued") from err
     except (nats.errors.Error, OSError) as err:
-        raise BrokerUnavailableError("NATS did not confirm the job in time") from err
+        raise BrokerUnavailableError(
+            "NATS did not confirm the job in time, so it may or may not be queued;"
+            " resubmit with the same Idempotency-Key to find out without making a second job"
+        ) from err

@@ -59,8 +59,8 @@ def create_app(settings: GatewaySettings, *, env: Mapping[str, str]) -> Litestar
                 reaper = ExhaustedJobReaper(
                     js=js, pool=pool, publish_timeout_s=settings.nats_timeout_s
                 )
-                for run, name in ((projector.run, "status-projector"), (reaper.run, "reaper")):
-                    await stack.enter_async_context(_running(run, name, app.state.background))
+                loops = {"status-projector": projector.run, "reaper": reaper.run}
+                await stack.enter_async_context(_running(loops, app.state.background))
             logger.info("gateway started", extra={"port": settings.gateway_port})
             try:
                 yield
@@ -91,20 +91,25 @@ def _initial_state(settings: GatewaySettings) -> State:
 
 @contextlib.asynccontextmanager
 async def _running(
-    loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
-    name: str,
+    loops: Mapping[str, Callable[[asyncio.Event], Coroutine[Any, Any, None]]],
     tasks: list[asyncio.Task[None]],
 ) -> AsyncIterator[None]:
-    """Run a background loop for the life of the app, and stop it on the way out."""
+    """Run background loops for the life of the app, and stop them together on the way out."""
     stop = asyncio.Event()
-    task = asyncio.create_task(loop(stop), name=name)
-    task.add_done_callback(_report_end)
-    tasks.append(task)
+    for name, loop in loops.items():
+        task = asyncio.create_task(loop(stop), name=name)
+        task.add_done_callback(_report_end)
+        tasks.append(task)
     try:
         yield
     finally:
         stop.set()
-        await asyncio.wait({task}, timeout=5)
+        # A loop notices `stop` between fetches; one still waiting on a fetch is
+        # cancelled, which leaves its messages unacked for redelivery, not lost.
+        _, pending = await asyncio.wait(tasks, timeout=0.2)
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=5)
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

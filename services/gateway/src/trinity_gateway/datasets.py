@@ -63,7 +63,7 @@ def _content_type(upload: UploadFile) -> str:
 
 async def _store_bytes(state: State, dataset_id: str, data: bytes) -> None:
     if not state.nc.is_connected:
-        raise BrokerUnavailableError("NATS is not connected")
+        raise BrokerUnavailableError("NATS is not connected; nothing was stored")
     try:
         store = await state.js.object_store(names.DATASETS_BUCKET)
         await store.put(dataset_id, data)

@@ -124,4 +124,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
             "message": "not a cursor this API returned",
             "source": "query",
         }
-        raise ValidationException("invalid cursor", extra=[problem]) from err
+        raise ValidationException(
+            "invalid cursor: pass the next_cursor of a previous page unchanged", extra=[problem]
+        ) from err

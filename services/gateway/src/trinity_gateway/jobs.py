@@ -40,7 +40,6 @@ from trinity_gateway.submission import (
     accept_job,
     accepted,
     claim_key,
-    release_key,
     request_hash,
 )
 
@@ -98,17 +97,21 @@ async def _submit_once(
         claim = await claim_key(state.pool, key, request_hash(queue, command), ttl=ttl)
     except IdempotencyConflictError as err:
         raise ValidationException(
-            "this Idempotency-Key was used with a different request",
+            "this Idempotency-Key was already used for a different request;"
+            " send a new key for a new job",
             status_code=HTTP_422_UNPROCESSABLE_ENTITY,
             extra=[{"key": "Idempotency-Key", "message": "used before", "source": "header"}],
         ) from err
-    if not claim.is_new:
+    if not claim.is_new and await _is_recorded(state.pool, claim.job_id):
         return accepted(claim.job_id, queue)
-    try:
-        return await accept_job(state, queue, command, job_id=claim.job_id)
-    except BaseException:
-        await release_key(state.pool, key, claim.job_id)
-        raise
+    # A new claim, or one whose first submission has no confirmed outcome (its
+    # ack was lost, or it is still in flight): publish under the claimed job id.
+    # The message id is the same, so JetStream stores the job at most once.
+    return await accept_job(state, queue, command, job_id=claim.job_id)
+
+
+async def _is_recorded(pool: asyncpg.Pool, job_id: str) -> bool:
+    return bool(await pool.fetchval("SELECT 1 FROM jobs WHERE job_id = $1", job_id))
 
 
 async def _page(

@@ -84,7 +84,8 @@ def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Respo
 
 
 def _validation_detail(exc: ValidationException, problems: list[Problem]) -> str:
-    if problems:
+    # Litestar's own detail only names the route; the first problem says more.
+    if problems and str(exc.detail).startswith("Validation failed"):
         first = problems[0]
         where = f" in {first.field}" if first.field else ""
         return f"invalid request{where}: {first.message}"
@@ -103,7 +104,7 @@ def _unavailable(request: Request[Any, Any, Any], detail: str) -> Response[Any]:
 def _on_broker(request: Request[Any, Any, Any], exc: BrokerUnavailableError) -> Response[Any]:
     if isinstance(exc, QueueFullError):
         return _unavailable(request, f"{exc.message}; retry later")
-    return _unavailable(request, f"job queue unavailable: {exc.message}; nothing was recorded")
+    return _unavailable(request, f"job queue unavailable: {exc.message}")
 
 
 def _on_database(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -51,7 +51,7 @@ async def accept_job(
     the job's accepted event, so the answer stays 202.
     """
     if not state.nc.is_connected:
-        raise BrokerUnavailableError("NATS is not connected")
+        raise BrokerUnavailableError("NATS is not connected; nothing was queued")
     queue = state.queues[queue_name]
     envelope = await submit_job(
         state.js, queue, command, job_id=job_id, ack_timeout_s=state.settings.nats_timeout_s

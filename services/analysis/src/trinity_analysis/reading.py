@@ -1,0 +1,466 @@
+"""Turn the bytes of an upload into a polars DataFrame.
+
+Reading happens in two steps, so a caller can report progress between them:
+`decode_dataset` picks the format and decodes text, `parse_source` parses it.
+
+The format comes from magic bytes first, then the file name, then the content
+type, because browsers label files poorly (Windows sends a ``.csv`` as
+``application/vnd.ms-excel``). Text is decoded here rather than by polars: a
+byte-order mark selects UTF-8 or UTF-16, anything else must be strict
+UTF-8 unless ``options.encoding`` names another encoding, and the mark is
+dropped, so polars always reads clean UTF-8 and no column name starts with
+``\\ufeff``. Every failure is a `PermanentJobError` whose message says what to
+change; no decoding or polars error escapes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Final
+
+import polars as pl
+import polars.selectors as cs
+
+from trinity_common.errors import PermanentJobError
+
+if TYPE_CHECKING:
+    from trinity_analysis.options import AnalysisOptions
+
+__all__ = [
+    "Dialect",
+    "Source",
+    "Table",
+    "decode_dataset",
+    "decode_text",
+    "detect_format",
+    "parse_source",
+    "sniff_dialect",
+]
+
+CSV: Final = "csv"
+TSV: Final = "tsv"
+JSONL: Final = "jsonl"
+PARQUET: Final = "parquet"
+
+# Values read as missing in delimited text, as pandas and R write them. A text
+# column holding the literal "NA" (Namibia, say) loses those values: the price
+# of reading R and pandas exports correctly.
+NULL_TOKENS: Final = ("NA", "N/A", "n/a", "#N/A", "NaN", "nan", "NULL", "null", "None")
+
+_PARQUET_MAGIC: Final = b"PAR1"
+_BOMS: Final = (
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+_SUFFIXES: Final = {
+    ".csv": CSV, ".txt": CSV, ".tsv": TSV, ".tab": TSV,
+    ".jsonl": JSONL, ".ndjson": JSONL, ".parquet": PARQUET,
+}  # fmt: skip
+_MEDIA_TYPES: Final = {
+    "text/csv": CSV, "application/csv": CSV, "text/plain": CSV,
+    "text/tab-separated-values": TSV,
+    "application/x-ndjson": JSONL, "application/jsonl": JSONL, "application/x-jsonlines": JSONL,
+    "application/vnd.apache.parquet": PARQUET, "application/x-parquet": PARQUET,
+}  # fmt: skip
+_UNSUPPORTED_MAGIC: Final = (
+    (b"PK\x03\x04", "a ZIP archive or an Excel workbook"),
+    (b"\xd0\xcf\x11\xe0", "an Excel 97-2003 workbook"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+_DELIMITERS: Final = ",;\t|"
+_DELIMITER_NAMES: Final = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+# Sniff on the first lines only: csv.Sniffer's cost grows quickly with the sample.
+_SAMPLE_CHARS: Final = 64 * 1024
+_SAMPLE_LINES: Final = 50
+_EXCEL_SEPARATOR_LINE: Final = re.compile(r"sep=(.)\r?\n")
+_NUMBER: Final = re.compile(
+    r"[+-]?(?:\d+(?:[.,]\d+)?|[.,]\d+|\d{1,3}(?:[.,]\d{3})+(?:[.,]\d+)?)(?:[eE][+-]?\d+)?"
+)
+_COMMA_DECIMAL: Final = re.compile(r"[+-]?(?:\d+|\d{1,3}(?:\.\d{3})+),\d+")
+_POINT_DECIMAL: Final = re.compile(r"[+-]?\d*\.\d+(?:[eE][+-]?\d+)?")
+_POINT_THOUSANDS: Final = re.compile(r"[+-]?\d{1,3}(?:\.\d{3})+")
+# The same shapes, for polars' regex engine: numbers such as 1.234,56 or 1.234.
+_GROUPED_DECIMAL_COMMA: Final = r"^[+-]?\d{1,3}(\.\d{3})*(,\d+)?$"
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """An upload in its detected format: decoded text, or the bytes of a binary format."""
+
+    format: str
+    content: str | bytes
+    encoding: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How a delimited text file is written."""
+
+    delimiter: str
+    has_header: bool
+    decimal_comma: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A parsed dataset, with how it was read; the dialect is None unless delimited."""
+
+    frame: pl.DataFrame
+    format: str
+    encoding: str | None
+    dialect: Dialect | None
+
+
+def decode_dataset(
+    data: bytes, *, filename: str, content_type: str | None, options: AnalysisOptions
+) -> Source:
+    """Detect the format of ``data`` and decode it if it is text.
+
+    Raises:
+        PermanentJobError: the file is empty, in an unsupported format, or not
+            valid in its encoding.
+    """
+    if not data:
+        raise PermanentJobError(f"{filename!r} is empty (0 bytes)", error_type="empty_file")
+    fmt = detect_format(data, filename=filename, content_type=content_type)
+    if fmt == PARQUET:
+        return Source(format=fmt, content=data, encoding=None)
+
+    text, encoding = decode_text(data, encoding=options.encoding)
+    if not text.strip():
+        raise PermanentJobError(
+            f"{filename!r} holds no data, only whitespace or a byte-order mark",
+            error_type="empty_file",
+        )
+    return Source(format=fmt, content=text, encoding=encoding)
+
+
+def detect_format(data: bytes, *, filename: str, content_type: str | None) -> str:
+    """Return ``csv``, ``tsv``, ``jsonl`` or ``parquet``; delimited text by default."""
+    if data.startswith(_PARQUET_MAGIC):
+        return PARQUET
+    for magic, what in _UNSUPPORTED_MAGIC:
+        if data.startswith(magic):
+            raise _unsupported(filename, what)
+
+    suffix = PurePath(filename).suffix.lower()
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    fmt = _SUFFIXES.get(suffix) or _MEDIA_TYPES.get(media_type)
+    if fmt == PARQUET:
+        raise PermanentJobError(
+            f"{filename!r} is labelled Parquet but does not start with the Parquet magic "
+            "bytes PAR1; upload the file as written, not renamed or truncated",
+            error_type="malformed",
+        )
+    if fmt is None and (suffix == ".json" or media_type == "application/json"):
+        raise _unsupported(filename, "a JSON document rather than JSON lines")
+    return fmt or CSV
+
+
+def decode_text(data: bytes, *, encoding: str | None) -> tuple[str, str]:
+    """Return the text of ``data`` without a byte-order mark, and the encoding used.
+
+    With no ``encoding``, a byte-order mark picks the Unicode encoding and anything
+    else must be UTF-8. We never guess a legacy code page: a wrong guess gives wrong
+    text silently, where an error names the option that fixes it.
+    """
+    codec = encoding or _encoding_from_bom(data)
+    try:
+        codec = codecs.lookup(codec).name
+        text = data.decode(codec)
+    except LookupError as err:
+        raise PermanentJobError(
+            f"options.encoding {encoding!r} is not a text encoding; use a name such as "
+            "'utf-8', 'cp1252' or 'latin-1'",
+            error_type="encoding",
+        ) from err
+    except UnicodeDecodeError as err:
+        raise _undecodable(data, codec, err) from err
+    if "\x00" in text:
+        # Valid UTF-8, but text files hold no NUL: this is UTF-16 without a mark.
+        raise PermanentJobError(
+            f"the file read as {codec} contains NUL characters (the first byte 0x00 is at "
+            f"byte offset {data.find(0)}), so it is likely UTF-16 without a byte-order "
+            "mark; set options.encoding to 'utf-16-le' or 'utf-16-be'",
+            error_type="encoding",
+        )
+    return text.removeprefix("\ufeff"), codec
+
+
+def parse_source(source: Source, *, options: AnalysisOptions) -> Table:
+    """Parse a decoded upload into a table; every missing value comes out null.
+
+    Empty text and float NaN count as missing, so they are made null here.
+
+    Raises:
+        PermanentJobError: the content cannot be parsed, or holds no rows.
+    """
+    dialect = None
+    if isinstance(source.content, bytes):
+        frame = _read_parquet(source.content)
+    elif source.format == JSONL:
+        frame = _read_json_lines(source.content)
+    else:
+        text, dialect = sniff_dialect(source.content, fmt=source.format, options=options)
+        frame = _read_delimited(text, dialect)
+
+    frame = frame.with_columns(cs.string().replace("", None), cs.float().fill_nan(None))
+    if dialect is not None and dialect.decimal_comma:
+        frame = _parse_grouped_numbers(frame)
+    _require_rows(frame)
+    return Table(frame=frame, format=source.format, encoding=source.encoding, dialect=dialect)
+
+
+def sniff_dialect(text: str, *, fmt: str, options: AnalysisOptions) -> tuple[str, Dialect]:
+    """Return the text to parse and its dialect, taking each option given over a guess.
+
+    An Excel ``sep=;`` first line sets the delimiter and is removed from the text.
+    Old Mac line endings (a lone CR) become LF, which polars reads.
+    """
+    if "\n" not in text:
+        text = text.replace("\r", "\n")
+    delimiter = options.delimiter
+    if found := _EXCEL_SEPARATOR_LINE.match(text):
+        text = text[found.end() :]
+        delimiter = delimiter or found.group(1)
+
+    sample = _sample(text)
+    if delimiter is None:
+        delimiter = "\t" if fmt == TSV else _sniff_delimiter(sample)
+    rows = _sample_rows(sample, delimiter)
+    has_header = options.has_header
+    if has_header is None:
+        has_header = _sniff_header(rows)
+    decimal_comma = options.decimal_comma
+    if decimal_comma is None:
+        decimal_comma = _infer_decimal_comma(rows, delimiter)
+    return text, Dialect(delimiter=delimiter, has_header=has_header, decimal_comma=decimal_comma)
+
+
+def _encoding_from_bom(data: bytes) -> str:
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return encoding
+    return "utf-8"
+
+
+def _undecodable(data: bytes, codec: str, err: UnicodeDecodeError) -> PermanentJobError:
+    line = data[: err.start].decode(codec, errors="replace").count("\n") + 1
+    return PermanentJobError(
+        f"the file is not valid {codec}: byte 0x{data[err.start]:02X} at byte offset "
+        f"{err.start} (line {line}) cannot be decoded ({err.reason}); set "
+        "options.encoding to the encoding it was saved in, for example 'cp1252' for a "
+        "Western European Windows export, or save it again as UTF-8",
+        error_type="encoding",
+    )
+
+
+def _unsupported(filename: str, what: str) -> PermanentJobError:
+    return PermanentJobError(
+        f"{filename!r} looks like {what}, which cannot be profiled; upload CSV, TSV, "
+        "JSON lines or Parquet (from a spreadsheet, save the sheet as 'CSV UTF-8')",
+        error_type="unsupported_format",
+    )
+
+
+def _sample(text: str) -> str:
+    head = text[:_SAMPLE_CHARS]
+    if len(text) > len(head) and "\n" in head:
+        head = head[: head.rindex("\n")]  # drop the row the cut went through
+    return "\n".join(head.split("\n", _SAMPLE_LINES)[:_SAMPLE_LINES])
+
+
+def _sniff_delimiter(sample: str) -> str:
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=_DELIMITERS).delimiter
+    except csv.Error:
+        # No candidate occurs consistently: most often a single column.
+        return ","
+
+
+def _sample_rows(sample: str, delimiter: str) -> list[list[str]]:
+    try:
+        return [row for row in csv.reader(io.StringIO(sample), delimiter=delimiter) if row]
+    except csv.Error:
+        return []  # the parse that follows reports the fault, with its line
+
+
+def _sniff_header(rows: list[list[str]]) -> bool:
+    """Return whether the first row names the columns rather than holding data.
+
+    It is a header when it has text where the column below holds only numbers, and
+    data when it holds only numbers or matches the numeric columns below. A table
+    with no numeric column gives no evidence and is taken to have a header, as
+    nearly every export does; ``csv.Sniffer.has_header`` answers the opposite for
+    such tables, and re-sniffs the delimiter on its own, so it is not used.
+    """
+    if not rows:
+        return True
+    first, body = rows[0], rows[1:]
+    if all(_is_number(cell) or _is_blank(cell) for cell in first):
+        return False
+    numeric = [index for index in range(len(first)) if _is_numeric_column(body, index)]
+    if not numeric:
+        return True
+    return any(not _is_number(first[index]) for index in numeric)
+
+
+def _is_numeric_column(rows: list[list[str]], index: int) -> bool:
+    cells = [row[index] for row in rows if len(row) > index and not _is_blank(row[index])]
+    return bool(cells) and all(_is_number(cell) for cell in cells)
+
+
+def _is_number(cell: str) -> bool:
+    return _NUMBER.fullmatch(cell.strip()) is not None
+
+
+def _is_blank(cell: str) -> bool:
+    return not cell.strip() or cell in NULL_TOKENS
+
+
+def _infer_decimal_comma(rows: list[list[str]], delimiter: str) -> bool:
+    """Return whether numbers use a decimal comma, as in ``2,5`` or ``1.234,56``.
+
+    Only when the delimiter is not a comma, and some cell is such a number while
+    none is an unambiguous point decimal; ``1.234`` may be either and is ignored.
+    """
+    if delimiter == ",":
+        return False
+    cells = [cell.strip() for row in rows for cell in row]
+    has_comma = any(_COMMA_DECIMAL.fullmatch(cell) for cell in cells)
+    has_point = any(
+        _POINT_DECIMAL.fullmatch(cell) and not _POINT_THOUSANDS.fullmatch(cell) for cell in cells
+    )
+    return has_comma and not has_point
+
+
+def _read_delimited(text: str, dialect: Dialect) -> pl.DataFrame:
+    try:
+        return pl.read_csv(
+            io.BytesIO(text.encode()),
+            separator=dialect.delimiter,
+            has_header=dialect.has_header,
+            decimal_comma=dialect.decimal_comma,
+            encoding="utf8",
+            null_values=list(NULL_TOKENS),
+            # Infer from every row: a text value after the first rows must not fail the parse.
+            infer_schema_length=None,
+            try_parse_dates=True,
+        )
+    except pl.exceptions.PolarsError as err:
+        raise _malformed_delimited(text, dialect, err) from err
+
+
+def _malformed_delimited(text: str, dialect: Dialect, err: Exception) -> PermanentJobError:
+    name = _DELIMITER_NAMES.get(dialect.delimiter, repr(dialect.delimiter))
+    advice = f"fix the file, or set options.delimiter if its fields are not {name}-separated"
+    found = _find_ragged_row(text, dialect.delimiter)
+    if found is None:
+        reason = str(err).split("\n", 1)[0]
+        message = f"the file cannot be read as {name}-separated text ({reason}); {advice}"
+        return PermanentJobError(message, error_type="malformed")
+
+    line, width, expected = found
+    if width == 0:
+        message = f"line {line} opens a quote it never closes, or has text after one; {advice}"
+        return PermanentJobError(message, error_type="malformed")
+    if line == 2 and dialect.has_header:
+        message = (
+            f"the first line names {expected} column(s) but line 2 has {width} fields: the "
+            "file must start with its header row, so remove any title line above it; "
+            f"{advice}"
+        )
+        return PermanentJobError(message, error_type="no_header")
+    message = f"line {line} has {width} fields where the first row has {expected}; {advice}"
+    return PermanentJobError(message, error_type="malformed")
+
+
+def _find_ragged_row(text: str, delimiter: str) -> tuple[int, int, int] | None:
+    """Return the line, width and expected width of the first row wider than the first.
+
+    A quoting fault is reported at the line where the reader gave up, with width 0.
+    This only explains a parse that already failed, so its cost does not matter.
+    """
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True)
+    expected = 0
+    try:
+        for row in reader:
+            if expected and len(row) > expected:
+                return reader.line_num, len(row), expected
+            expected = expected or len(row)
+    except csv.Error:
+        return reader.line_num, 0, expected
+    return None
+
+
+def _parse_grouped_numbers(frame: pl.DataFrame) -> pl.DataFrame:
+    """Read text columns of numbers like ``1.234,56`` as floats.
+
+    polars' ``decimal_comma`` reads ``2,5`` but leaves thousands separators as text.
+    """
+    grouped = [
+        name
+        for name, dtype in frame.schema.items()
+        if dtype == pl.String
+        and frame[name].null_count() < frame.height
+        and frame[name].drop_nulls().str.contains(_GROUPED_DECIMAL_COMMA).all()
+    ]
+    return frame.with_columns(
+        pl.col(grouped)
+        .str.replace_all(".", "", literal=True)
+        .str.replace(",", ".", literal=True)
+        .cast(pl.Float64)
+    )
+
+
+def _read_json_lines(text: str) -> pl.DataFrame:
+    try:
+        return pl.read_ndjson(io.BytesIO(text.encode()), infer_schema_length=None)
+    except pl.exceptions.PolarsError as err:
+        line = _find_bad_json_line(text)
+        where = f" at line {line}" if line else ""
+        raise PermanentJobError(
+            f"the file is not valid JSON lines{where}: {str(err).splitlines()[0]}; each "
+            "line must hold one JSON object",
+            error_type="malformed",
+        ) from err
+
+
+def _find_bad_json_line(text: str) -> int | None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            if line.strip() and not isinstance(json.loads(line), dict):
+                return number
+        except ValueError:
+            return number
+    return None
+
+
+def _read_parquet(data: bytes) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(io.BytesIO(data))
+    except pl.exceptions.PolarsError as err:
+        raise PermanentJobError(
+            f"the file is not a readable Parquet file: {str(err).splitlines()[0]}; "
+            "upload it again as written by its tool, not truncated or edited",
+            error_type="malformed",
+        ) from err
+
+
+def _require_rows(frame: pl.DataFrame) -> None:
+    if frame.width == 0:
+        raise PermanentJobError("the file has no columns", error_type="empty_file")
+    if frame.height == 0:
+        raise PermanentJobError(
+            f"the file names {frame.width} column(s) but holds no data rows; upload a file "
+            "with at least one row (if the only line of a delimited file is data, set "
+            "options.has_header to false)",
+            error_type="no_rows",
+        )
