@@ -97,7 +97,7 @@ async def test_bom_and_crlf_file_profiles_clean_column_names(
     ("content", "error_type", "words"),
     [
         (b"", "empty_file", "empty"),
-        (b"region,month,revenue\r\n", "no_rows", "no rows"),
+        (b"region,month,revenue\r\n", "no_rows", "no data rows"),
         ("name,city\nJörg,Köln\n".encode("cp1252"), "encoding", "UTF-8"),
     ],
     ids=["empty", "header-only", "not-utf8"],
