@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -31,6 +32,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=PENGUINS, help="file to profile")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the job")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep everything running until Ctrl-C, to explore"
+    )
     return parser.parse_args()
 
 
@@ -78,7 +82,7 @@ def fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:,.4g}"
+        return f"{value:.6g}"
     return str(value)
 
 
@@ -144,11 +148,23 @@ async def run(args: argparse.Namespace) -> int:
         try:
             async with httpx.AsyncClient(base_url=base, timeout=30.0) as client:
                 await wait_ready(client, gateway, 60.0)
-                return await profile_file(client, base, dataset, args.timeout)
+                status = await profile_file(client, base, dataset, args.timeout)
+                if args.keep:
+                    print("\nrunning until Ctrl-C ...")
+                    await wait_for_interrupt()
+                return status
         finally:
             for service in (analysis, gateway):
                 await service.stop()
             print(f"\nservice logs: {workdir}")
+
+
+async def wait_for_interrupt() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
 
 
 async def profile_file(
@@ -171,7 +187,7 @@ async def profile_file(
         return 1
     profile = (await client.get(job["result"]["url"])).json()["profile"]
     print_profile(profile)
-    print("\nlook at (while the stack runs):")
+    print("\nlook at (run with KEEP=1 to keep them up):")
     for path in (job_url, job["result"]["url"], upload["dataset"]["url"], "/schema"):
         print(f"  {base}{path}")
     return 0
