@@ -23,14 +23,12 @@ from trinity_common.devstack.services import ServiceProcess
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
+CASES = Path(__file__).resolve().parent / "cases"
 
 
 @pytest.fixture(scope="session")
 def cases_dir() -> Path:
-    """The shared failure-case files that sit beside the repository."""
-    if not (CASES / "README.md").is_file():
-        pytest.fail(f"the shared case files are missing: expected them in {CASES}")
+    """The input files of the failure cases Trinity must survive, kept with the tests."""
     return CASES
 
 
