@@ -13,6 +13,7 @@ import asyncpg
 import msgspec
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
 
@@ -96,6 +97,15 @@ def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     return problem(exc.status_code, str(exc.detail), _problems_of(exc), headers=exc.headers)
 
 
+def _on_too_large(request: Request[Any, Any, Any], exc: RequestEntityTooLarge) -> Response[Any]:
+    # Litestar refuses an oversized body before any handler runs; say the limit.
+    limit = request.app.state.settings.gateway_max_upload_bytes
+    detail = str(exc.detail)
+    if detail == "Request Entity Too Large":
+        detail = f"the request body is larger than the upload limit of {limit} bytes"
+    return problem(exc.status_code, detail)
+
+
 def _unavailable(request: Request[Any, Any, Any], detail: str) -> Response[Any]:
     retry_after = str(request.app.state.settings.gateway_retry_after_s)
     return problem(HTTP_503_SERVICE_UNAVAILABLE, detail, headers={"Retry-After": retry_after})
@@ -119,6 +129,7 @@ def _on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
 
 exception_handlers: ExceptionHandlersMap = {
     ValidationException: _on_validation,
+    RequestEntityTooLarge: _on_too_large,
     HTTPException: _on_http,
     BrokerUnavailableError: _on_broker,
     asyncpg.PostgresError: _on_database,
