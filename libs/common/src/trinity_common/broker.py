@@ -224,7 +224,7 @@ async def pull_batches(
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=idle_s)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own subclass, or a bare one from fetch
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.NoServersError):
                 raise

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import msgspec
 
 from trinity_common.names import dead_subject, job_subject, status_subject
+from trinity_common.settings import SettingsError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -110,14 +111,19 @@ def load_queue_settings(name: str, env: Mapping[str, str]) -> QueueSettings:
 
     Raises:
         KeyError: ``name`` is not a known queue.
-        msgspec.ValidationError: an override is malformed; the message names it.
+        SettingsError: an override is malformed or unknown; the message names it.
     """
     defaults = msgspec.structs.asdict(QUEUES[name])
     prefix = f"TRINITY_QUEUE_{name.upper()}_"
     overrides = {
         key[len(prefix) :].lower(): value for key, value in env.items() if key.startswith(prefix)
     }
+    for field in overrides:
+        if field == "name" or field not in defaults:
+            # The name ties a queue to its subject and consumer; it is not a limit.
+            raise SettingsError(f"{prefix}{field.upper()} is not a setting of a queue")
     try:
         return msgspec.convert({**defaults, **overrides}, QueueSettings, strict=False)
     except msgspec.ValidationError as err:
-        raise msgspec.ValidationError(f"{err} (from {prefix}* variables)") from err
+        field = str(err).rpartition("$.")[2].rstrip("`")
+        raise SettingsError(f"invalid {prefix}{field.upper()}: {err}") from err

@@ -152,7 +152,10 @@ VALUES (
     $1, $2, $3, $4, coalesce($5, 0), coalesce($6, 1), coalesce($7, '{}'::jsonb), $8,
     $9, $10, $11, coalesce($12, 0), coalesce($13, ''), $14, $15, $16, $17, $18)
 ON CONFLICT (job_id) DO UPDATE SET
-    state = EXCLUDED.state,
+    -- 'queued' only ever creates the record; arriving after the job's first
+    -- events (it may), it adds what it knows and leaves the state alone.
+    state = CASE WHEN EXCLUDED.state = 'queued' THEN j.state ELSE EXCLUDED.state END,
+    command = CASE WHEN j.command = '{}'::jsonb THEN EXCLUDED.command ELSE j.command END,
     attempt = coalesce($5, j.attempt),
     max_attempts = coalesce($6, j.max_attempts),
     started_at = coalesce(j.started_at, EXCLUDED.started_at),
@@ -169,8 +172,11 @@ ON CONFLICT (job_id) DO UPDATE SET
              AND $12 < j.progress_percent THEN j.progress_message
         ELSE $13 END,
     summary = coalesce(EXCLUDED.summary, j.summary),
-    error_type = coalesce(EXCLUDED.error_type, j.error_type),
-    error_message = coalesce(EXCLUDED.error_message, j.error_message),
+    -- Until the job ends, the error is the last failed attempt's; success clears it.
+    error_type = CASE WHEN EXCLUDED.state = 'succeeded' THEN NULL
+        ELSE coalesce(EXCLUDED.error_type, j.error_type) END,
+    error_message = CASE WHEN EXCLUDED.state = 'succeeded' THEN NULL
+        ELSE coalesce(EXCLUDED.error_message, j.error_message) END,
     last_event_seq = EXCLUDED.last_event_seq,
     dead_lettered = j.dead_lettered OR EXCLUDED.dead_lettered,
     updated_at = now()
@@ -178,8 +184,6 @@ WHERE j.state NOT IN ('succeeded', 'failed', 'cancelled')
   AND j.submission <= EXCLUDED.submission
   AND j.last_event_seq < EXCLUDED.last_event_seq
   AND coalesce($5, j.attempt) >= j.attempt
-  -- 'queued' only ever creates the record; it may trail the job's first events.
-  AND (EXCLUDED.state <> 'queued' OR j.state = 'queued')
 """
 
 _APPLY_TO_ATTEMPT = """

@@ -185,7 +185,7 @@ class Worker:
         # hands would burn its ack deadline while another process sits idle.
         try:
             msgs: list[Msg] = await sub.fetch(count, timeout=1.0)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises its own subclass, or a bare one from fetch
             self.last_fetch_at = asyncio.get_running_loop().time()
             return []  # nothing queued yet
         except (nats.errors.ConnectionClosedError, nats.errors.NoServersError):
@@ -375,7 +375,8 @@ class Worker:
         exhausted = outcome.kind == "retry"
         message = outcome.error_message
         if exhausted:
-            message = f"gave up after {attempt} attempts; last error: {message}"
+            tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
+            message = f"gave up after {tries}; last error: {message}"
         await publish_dead_letter(
             self.js,
             self.pool,
