@@ -120,21 +120,6 @@ async def measure_gateway(base: str, seconds: int, concurrency: int, workdir: Pa
     )
 
 
-async def wait_ready(base: str, gateway: ServiceProcess) -> None:
-    deadline = time.monotonic() + 30
-    async with httpx.AsyncClient(base_url=base) as client:
-        while time.monotonic() < deadline:
-            if gateway.returncode is not None:
-                raise SystemExit(gateway.output())
-            try:
-                if (await client.get("/health/ready")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            await asyncio.sleep(0.1)
-    raise SystemExit(f"gateway not ready:\n{gateway.output()}")
-
-
 async def main(args: argparse.Namespace) -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed for the HTTP load: apt-get install wrk")
@@ -155,7 +140,7 @@ async def main(args: argparse.Namespace) -> None:
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            await wait_ready(base, gateway)
+            await gateway.wait_ready(port)
             accepted = await measure_gateway(base, args.seconds, args.concurrency, workdir)
         finally:
             await gateway.stop()

@@ -38,20 +38,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-async def wait_ready(client: httpx.AsyncClient, gateway: ServiceProcess, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if gateway.returncode is not None:
-            raise SystemExit(f"the gateway exited at start-up:\n{gateway.output()}")
-        try:
-            if (await client.get("/health/ready")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        await asyncio.sleep(0.2)
-    raise SystemExit(f"the gateway was not ready within {deadline_s:g} s:\n{gateway.output()}")
-
-
 def draw_progress(job: dict[str, Any]) -> None:
     percent = job["progress"]["percent"]
     filled = int(percent / 100 * 30)
@@ -147,7 +133,7 @@ async def run(args: argparse.Namespace) -> int:
         base = f"http://127.0.0.1:{port}"
         try:
             async with httpx.AsyncClient(base_url=base, timeout=30.0) as client:
-                await wait_ready(client, gateway, 60.0)
+                await gateway.wait_ready(port)
                 status = await profile_file(client, base, dataset, args.timeout)
                 if args.keep:
                     print("\nrunning until Ctrl-C ...")

@@ -111,18 +111,6 @@ class Soak:
         return count
 
 
-async def wait_ready(client: httpx.AsyncClient) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if (await client.get("/health/ready")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.2)
-    raise SystemExit("gateway not ready")
-
-
 async def run(args: argparse.Namespace) -> int:
     logs = Path(tempfile.mkdtemp(prefix="trinity-soak-"))
     async with dev_stack(env=os.environ) as stack:
@@ -134,7 +122,7 @@ async def run(args: argparse.Namespace) -> int:
             await soak.start_worker()
         base = f"http://127.0.0.1:{soak.port}"
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            await wait_ready(client)
+            await gateway.wait_ready(soak.port)
             upload = await client.post("/api/upload", files={"data": ("soak.csv", CSV)})
             dataset_id = upload.json()["dataset_id"]
             done = asyncio.Event()

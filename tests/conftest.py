@@ -7,7 +7,6 @@ empty store, so no test sees another's streams or rows.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.support import eventually
 from trinity_common.devstack import Database, NatsServer, PostgresServer, free_port
 from trinity_common.devstack.services import ServiceProcess
 
@@ -86,16 +84,7 @@ class Services:
         port = free_port()
         process = await self.start("trinity_gateway", TRINITY_GATEWAY_PORT=str(port), **env)
         self.gateway_url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=self.gateway_url) as client:
-
-            async def ready() -> bool | None:
-                if process.returncode is not None:
-                    raise AssertionError(f"gateway exited:\n{process.output()}")
-                with contextlib.suppress(httpx.TransportError):
-                    return (await client.get("/health/ready")).status_code == 200 or None
-                return None
-
-            await eventually(ready, timeout_s=30, what="the gateway to be ready")
+        await process.wait_ready(port, timeout_s=30)
         return process
 
     def client(self) -> httpx.AsyncClient:

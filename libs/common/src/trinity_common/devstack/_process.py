@@ -116,6 +116,29 @@ async def is_accepting(port: int) -> bool:
     return True
 
 
+async def answers_ok(port: int, path: str) -> bool:
+    """Return whether ``GET path`` on 127.0.0.1:``port`` answers 200.
+
+    A bare HTTP/1.0 exchange: enough for a readiness check, and it keeps an
+    HTTP client library out of the runtime package.
+    """
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        await writer.drain()
+        status_line = await reader.readline()
+    except OSError:
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):  # the server may close first; nothing to flush
+            await writer.wait_closed()
+    return status_line.split()[1:2] == [b"200"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class CommandResult:
     """How a short-lived command ended."""

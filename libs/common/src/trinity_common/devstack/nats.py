@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import shutil
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from trinity_common.devstack._process import (
     DevStackError,
+    answers_ok,
     is_accepting,
     kill_process,
     poll_until,
@@ -301,18 +301,4 @@ async def _find_binary(explicit: str | None) -> Path:
 
 async def _is_jetstream_healthy(monitor_port: int) -> bool:
     """Return whether ``/healthz?js-enabled-only=true`` answers 200."""
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", monitor_port)
-    except OSError:
-        return False
-    try:
-        writer.write(b"GET /healthz?js-enabled-only=true HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        await writer.drain()
-        status_line = await reader.readline()
-    except OSError:
-        return False
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):  # the server may close first; nothing to flush
-            await writer.wait_closed()
-    return status_line.split()[1:2] == [b"200"]
+    return await answers_ok(monitor_port, "/healthz?js-enabled-only=true")

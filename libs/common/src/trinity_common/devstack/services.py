@@ -10,6 +10,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from trinity_common.devstack._process import DevStackError, answers_ok, deadline_in, wait_until
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
@@ -82,6 +84,28 @@ class ServiceProcess:
         """Kill the child at once (SIGKILL) and reap it."""
         self.signal(signal.SIGKILL)
         await self.wait(10.0)
+
+    async def wait_ready(
+        self, port: int, *, path: str = "/health/ready", timeout_s: float = 60
+    ) -> None:
+        """Wait until ``GET path`` on ``port`` answers 200.
+
+        Raises:
+            DevStackError: the child exited, or was not ready in time; the
+                message carries what it printed.
+        """
+
+        async def ready() -> bool:
+            if self.returncode is not None:
+                raise DevStackError(
+                    f"{self.module} exited with {self.returncode}:\n{self.output()}"
+                )
+            return await answers_ok(port, path)
+
+        try:
+            await wait_until(ready, deadline=deadline_in(timeout_s), what=f"{self.module} ready")
+        except DevStackError as err:
+            raise DevStackError(f"{err}\n{self.output()}") from err
 
     def output(self) -> str:
         """Return everything the child printed so far."""
