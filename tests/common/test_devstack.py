@@ -209,7 +209,7 @@ async def test_nats_server_start_fails_naming_a_port_that_stays_taken() -> None:
         port = blocker.getsockname()[1]
 
         with pytest.raises(DevStackError, match=rf"127\.0\.0\.1:{port}.*address already in use"):
-            await NatsServer.start(port=port, timeout_s=10)
+            await NatsServer.start(port=port, timeout_s=3)
 
 
 async def test_postgres_server_start_runs_a_cluster_that_accepts_connections(
