@@ -90,6 +90,14 @@ class _Outcome:
     delay_s: float | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Prior:
+    summary: dict[str, Any] | None = None
+    """The stored result's summary; None when there is no result yet."""
+    attempt: int = 0
+    state: str | None = None
+
+
 class JobContext:
     """What a handler knows of the job it runs, and how it reports progress."""
 
@@ -235,14 +243,17 @@ class Worker:
                 await _quietly(msg.nak(delay=self.queue.backoff_s(attempt)))
 
     async def _process_envelope(self, msg: Msg, envelope: JobEnvelope, attempt: int) -> None:
-        existing, state = await self._patiently(msg, self._prior_state, envelope.job_id)
-        if state == "cancelled":
+        prior = await self._patiently(msg, self._prior_state, envelope.job_id)
+        if prior.state == "cancelled":
             logger.info("cancelled job skipped")
             await msg.term()
             return
-        if existing is not None:
+        if prior.summary is not None:
+            # The result was stored but the ack was lost: say so again, as the
+            # attempt that produced it, and acknowledge without running anything.
             logger.info("job already done, acknowledging redelivery")
-            await self._publish(self._event(JobSucceeded, envelope, attempt, summary=existing))
+            done = self._event(JobSucceeded, envelope, prior.attempt, summary=prior.summary)
+            await self._publish(done)
             await msg.ack_sync(timeout=self._publish_timeout_s)
             return
         await self._publish(
@@ -312,10 +323,10 @@ class Worker:
             # A cancel request broadcast while this process was disconnected is
             # missed; the job's record is the fallback, read once a beat.
             try:
-                _, state = await self._prior_state(context.job_id)
+                prior = await self._prior_state(context.job_id)
             except DATABASE_ERRORS:
                 continue  # the next beat asks again
-            if state == "cancelled":
+            if prior.state == "cancelled":
                 self.cancel_job(context.job_id, reason="cancelled while running")
 
     async def publish_progress(self, context: JobContext) -> None:
@@ -335,7 +346,7 @@ class Worker:
     async def _settle(self, msg: Msg, context: JobContext, outcome: _Outcome) -> None:
         attempt, envelope = context.attempt, context.envelope
         if outcome.kind == "succeeded" and outcome.result is not None:
-            await self._patiently(msg, self._store_result, envelope, outcome.result)
+            await self._patiently(msg, self._store_result, envelope, attempt, outcome.result)
             await self._publish(
                 self._event(JobSucceeded, envelope, attempt, summary=outcome.result.summary)
             )
@@ -439,16 +450,16 @@ class Worker:
             await _quietly(msg.in_progress())
             delay = min(delay * 2, 5.0)
 
-    async def _prior_state(self, job_id: str) -> tuple[dict[str, Any] | None, str | None]:
-        """Return the stored result's summary (None if none) and the job's recorded state."""
+    async def _prior_state(self, job_id: str) -> _Prior:
+        """Return what is already known of the job: its stored result and recorded state."""
         row = await self.pool.fetchrow(
-            "SELECT (SELECT summary FROM job_results WHERE job_id = $1) AS summary,"
-            " (SELECT state FROM jobs WHERE job_id = $1) AS state",
+            "SELECT r.summary, r.attempt, (SELECT state FROM jobs WHERE job_id = $1) AS state"
+            " FROM (SELECT 1) AS one LEFT JOIN job_results r ON r.job_id = $1",
             job_id,
         )
         if row is None:
-            return None, None
-        return row["summary"], row["state"]
+            return _Prior()
+        return _Prior(summary=row["summary"], attempt=row["attempt"] or 0, state=row["state"])
 
     def cancel_job(self, job_id: str, *, reason: str) -> bool:
         """Cancel the job's running handler in this process; return whether one ran here."""
@@ -469,7 +480,7 @@ class Worker:
         if self.cancel_job(request.job_id, reason=request.reason):
             logger.info("cancel request received", extra={"job_id": request.job_id})
 
-    async def _store_result(self, envelope: JobEnvelope, result: JobResult) -> None:
+    async def _store_result(self, envelope: JobEnvelope, attempt: int, result: JobResult) -> None:
         data = _json.encode(result.data)
         inline: str | None = data.decode()
         object_name: str | None = None
@@ -480,14 +491,16 @@ class Worker:
             await store.put(envelope.job_id, data)
             inline, object_name = None, envelope.job_id
         await self.pool.execute(
-            "INSERT INTO job_results (job_id, queue, result, object_name, summary, size_bytes)"
-            " VALUES ($1, $2, $3::text::jsonb, $4, $5, $6) ON CONFLICT (job_id) DO NOTHING",
+            "INSERT INTO job_results"
+            " (job_id, queue, result, object_name, summary, size_bytes, attempt)"
+            " VALUES ($1, $2, $3::text::jsonb, $4, $5, $6, $7) ON CONFLICT (job_id) DO NOTHING",
             envelope.job_id,
             self.queue.name,
             inline,
             object_name,
             result.summary,
             len(data),
+            attempt,
         )
 
     async def _publish(self, event: StatusEvent) -> None:
