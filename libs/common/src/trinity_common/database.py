@@ -18,7 +18,7 @@ import msgspec
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from asyncpg.pool import PoolConnectionProxy
+    from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
     from trinity_common.settings import ConnectionSettings
 
@@ -43,15 +43,40 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     )
 
 
+class _BoundedPool(asyncpg.Pool):
+    """A pool whose every borrow of a connection gives up after ``acquire_timeout_s``.
+
+    asyncpg bounds a query, and the opening of a connection, but its shortcut
+    methods (``pool.fetchrow`` and friends) wait for a free connection forever.
+    With the database paused, requests would queue behind the pool for the whole
+    outage instead of failing fast; with this bound they raise TimeoutError.
+    """
+
+    def __init__(self, *args: Any, acquire_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acquire_timeout_s = acquire_timeout_s
+
+    def acquire(self, *, timeout: float | None = None) -> PoolAcquireContext[Any]:
+        return super().acquire(timeout=self._acquire_timeout_s if timeout is None else timeout)
+
+
 async def create_pool(settings: ConnectionSettings) -> asyncpg.Pool:
     """Open a pool sized and timed by ``settings``, with jsonb mapped to Python values.
 
-    A query that outlasts ``database_timeout_s`` is cancelled by the server, so a
-    slow or paused database makes requests fail fast instead of piling up.
+    A query that outlasts ``database_timeout_s`` is cancelled by the server, and
+    waiting that long for a free connection gives up too, so a slow or paused
+    database makes requests fail fast instead of piling up.
     """
     timeout_ms = int(settings.database_timeout_s * 1000)
-    return await asyncpg.create_pool(
+    pool = _BoundedPool(
         settings.database_url,
+        acquire_timeout_s=settings.database_timeout_s,
+        # The keywords asyncpg.create_pool fills in, with its defaults.
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
         min_size=1,
         max_size=settings.database_pool_max,
         timeout=settings.database_timeout_s,
@@ -63,6 +88,7 @@ async def create_pool(settings: ConnectionSettings) -> asyncpg.Pool:
             "application_name": "trinity",
         },
     )
+    return await pool
 
 
 def _migrations() -> list[tuple[int, str, str]]:

@@ -1,0 +1,164 @@
+"""D2: no second run of a job while its first is still working.
+
+Two sleeper processes (`tests.e2e.sleeper`) share the analysis queue, one job
+at a time each, and eight jobs queue up behind them. A process that took more
+messages than it can start would leave them waiting in its hands past their
+ack deadline, and JetStream would hand them to the other process while the
+first still meant to run them; so would a process that forgot to send
+in-progress acks while working. The sleepers record every run they start, so a
+second run shows, whichever way it came about.
+
+Scaled down from the case: jobs sleep 3 s, not 20, and the queue timeout is
+6 s, not 30; the ack margin of 1 s makes the ack deadline 7 s, shorter than the
+wait of a job queued behind two others in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import pytest
+
+from tests.e2e.sleeper import SLEEPER_TABLES
+from tests.support import eventually, wait_for_job
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    import httpx
+
+    from tests.conftest import Services
+    from trinity_common.devstack import Database
+    from trinity_common.devstack.services import ServiceProcess
+
+SLEEPER = "tests.e2e.sleeper"
+SLEEPERS = 2
+JOBS = 8
+JOB_SLEEP_S = 3.0
+
+QUEUE_ENV = {
+    "TRINITY_QUEUE_ANALYSIS_CONCURRENCY": "1",
+    "TRINITY_QUEUE_ANALYSIS_TIMEOUT_S": "6",
+    "TRINITY_QUEUE_ANALYSIS_ACK_MARGIN_S": "1",
+}
+
+STARTUP_TIMEOUT_S = 30.0
+# Eight 3 s jobs on two one-at-a-time processes take about 12 s.
+JOBS_DEADLINE_S = 60.0
+
+# What each job's status document, runs and result rows must show.
+RAN_ONCE = {"state": "succeeded", "attempt": 1, "runs": [(1, "succeeded")], "results": 1}
+
+
+@pytest.fixture
+async def db(database: Database) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the test's database, with the sleeper's tables created."""
+    pool = await asyncpg.create_pool(database.url, min_size=1, max_size=2)
+    await pool.execute(SLEEPER_TABLES)
+    yield pool
+    await pool.close()
+
+
+async def start_sleepers(services: Services, count: int) -> list[ServiceProcess]:
+    """Start ``count`` sleepers side by side and return once all consume the queue."""
+    processes = [await services.start(SLEEPER, **QUEUE_ENV) for _ in range(count)]
+
+    async def consuming() -> bool | None:
+        for process in processes:
+            if process.returncode is not None:
+                raise AssertionError(f"sleeper exited with {process.returncode}")
+        return all('"event":"service started"' in p.output() for p in processes) or None
+
+    await eventually(consuming, timeout_s=STARTUP_TIMEOUT_S, what="the sleepers to consume")
+    return processes
+
+
+async def plan_job(db: asyncpg.Pool) -> str:
+    """Add a dataset the gateway accepts and the sleeper's plan for it; return its id."""
+    dataset_id = secrets.token_hex(16)
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO datasets (dataset_id, name, size_bytes, sha256, content_type)"
+            " VALUES ($1, 'planned.csv', 0, $2, 'text/csv')",
+            dataset_id,
+            "0" * 64,
+        )
+        await conn.execute(
+            "INSERT INTO sleeper_plans (dataset_id, sleep_s) VALUES ($1, $2)",
+            dataset_id,
+            JOB_SLEEP_S,
+        )
+    return dataset_id
+
+
+async def submit(client: httpx.AsyncClient, dataset_id: str) -> str:
+    """Submit an analysis of ``dataset_id``, expect 202, and return the job id."""
+    response = await client.post("/api/analysis", json={"dataset_id": dataset_id})
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+async def wait_for_jobs(client: httpx.AsyncClient, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Wait for every job to end, all against one deadline; return their documents."""
+    async with asyncio.timeout(JOBS_DEADLINE_S):
+        return {
+            job_id: await wait_for_job(client, job_id, timeout_s=JOBS_DEADLINE_S)
+            for job_id in job_ids
+        }
+
+
+async def runs_by_job(db: asyncpg.Pool) -> dict[str, list[asyncpg.Record]]:
+    """Return every run the sleepers recorded, by job, in the order they started."""
+    runs: dict[str, list[asyncpg.Record]] = defaultdict(list)
+    for run in await db.fetch("SELECT * FROM sleeper_runs ORDER BY started_at, run_id"):
+        runs[run["job_id"]].append(run)
+    return dict(runs)
+
+
+async def result_counts(db: asyncpg.Pool) -> dict[str, int]:
+    """Return how many ``job_results`` rows each job has."""
+    rows = await db.fetch("SELECT job_id, count(*) AS n FROM job_results GROUP BY job_id")
+    return {row["job_id"]: row["n"] for row in rows}
+
+
+def overlapping(runs: list[asyncpg.Record]) -> list[tuple[int, int]]:
+    """Return the pairs of runs (by run id) of one job that were under way at once."""
+    pairs = []
+    for i, first in enumerate(runs):
+        for second in runs[i + 1 :]:
+            first_over = first["finished_at"] is not None
+            if not first_over or second["started_at"] < first["finished_at"]:
+                pairs.append((first["run_id"], second["run_id"]))
+    return pairs
+
+
+@pytest.mark.slow
+async def test_each_job_runs_once_when_two_workers_share_jobs_longer_than_their_wait(
+    services: Services, db: asyncpg.Pool
+) -> None:
+    await services.start_gateway(**QUEUE_ENV)
+    await start_sleepers(services, SLEEPERS)
+    datasets = [await plan_job(db) for _ in range(JOBS)]
+
+    async with services.client() as client:
+        job_ids = [await submit(client, dataset_id) for dataset_id in datasets]
+        jobs = await wait_for_jobs(client, job_ids)
+    runs = await runs_by_job(db)
+    results = await result_counts(db)
+
+    seen = {
+        job_id: {
+            "state": job["state"],
+            "attempt": job["attempt"],
+            "runs": [(run["attempt"], run["outcome"]) for run in runs.get(job_id, [])],
+            "results": results.get(job_id, 0),
+        }
+        for job_id, job in jobs.items()
+    }
+    assert seen == dict.fromkeys(job_ids, RAN_ONCE)
+    assert [pair for job_runs in runs.values() for pair in overlapping(job_runs)] == []
