@@ -231,6 +231,29 @@ async def test_projector_keeps_running_when_idle_fetch_times_out(
     assert job["state"] == "queued"
 
 
+async def test_projector_drops_an_event_the_table_refuses_and_goes_on(platform: Platform) -> None:
+    """PostgreSQL text cannot hold NUL; one such error message must not block the stream."""
+    refused = JobFailed(
+        job_id="b" * 32,
+        queue="analysis",
+        at=at(4),
+        attempt=1,
+        error_type="RuntimeError",
+        error_message="bad \x00 byte",
+    )
+    await publish_status(platform.js, refused, ack_timeout_s=2)
+
+    for event in (accepted(), started()):
+        await publish_status(platform.js, event, ack_timeout_s=2)
+    await wait_until_projected(platform)
+
+    async with platform.pool.acquire() as conn:
+        job = await job_row(conn)
+        dropped = await conn.fetchval("SELECT count(*) FROM jobs WHERE job_id = $1", "b" * 32)
+    assert job["state"] == "running"
+    assert dropped == 0
+
+
 async def wait_until_projected(platform: Platform) -> None:
     """Wait until the projector has acknowledged every event in the status stream."""
     last = (await platform.js.stream_info(names.STATUS_STREAM)).state.last_seq

@@ -240,6 +240,10 @@ async def apply_event(conn: Connection, event: StatusEvent, *, seq: int) -> None
         )
 
 
+# The database refused the event itself, not for being away: retrying cannot help.
+_BAD_EVENT_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
 class StatusProjector:
     """Reads the status stream and keeps the job table current.
 
@@ -273,6 +277,10 @@ class StatusProjector:
                 for msg, event in events:
                     if event is not None:
                         await apply_event(conn, event, seq=msg.metadata.sequence.stream)
+        except _BAD_EVENT_ERRORS:
+            # One event the table refuses must not hold back the batch for ever.
+            await self._project_one_by_one(events)
+            return
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
             # The database is unavailable: hand the batch back for later.
             logger.warning("status projection deferred", extra={"error_type": type(err).__name__})
@@ -280,6 +288,21 @@ class StatusProjector:
                 await _settle(msg.nak(delay=self._retry_s))
             return
         for msg, _ in events:
+            await _settle(msg.ack())
+
+    async def _project_one_by_one(self, events: list[tuple[Msg, StatusEvent | None]]) -> None:
+        for msg, event in events:
+            try:
+                if event is not None:
+                    async with self._pool.acquire() as conn:
+                        await apply_event(conn, event, seq=msg.metadata.sequence.stream)
+            except _BAD_EVENT_ERRORS:
+                logger.exception("status event refused, dropped", extra={"subject": msg.subject})
+                await _settle(msg.term())
+                continue
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await _settle(msg.nak(delay=self._retry_s))
+                continue
             await _settle(msg.ack())
 
     @staticmethod
