@@ -231,8 +231,8 @@ async def test_projector_keeps_running_when_idle_fetch_times_out(
     assert job["state"] == "queued"
 
 
-async def test_projector_drops_an_event_the_table_refuses_and_goes_on(platform: Platform) -> None:
-    """PostgreSQL text cannot hold NUL; one such error message must not block the stream."""
+async def test_projector_stores_an_error_message_holding_nul(platform: Platform) -> None:
+    """PostgreSQL text cannot hold NUL; such a message must neither block the stream nor vanish."""
     refused = JobFailed(
         job_id="b" * 32,
         queue="analysis",
@@ -249,9 +249,9 @@ async def test_projector_drops_an_event_the_table_refuses_and_goes_on(platform: 
 
     async with platform.pool.acquire() as conn:
         job = await job_row(conn)
-        dropped = await conn.fetchval("SELECT count(*) FROM jobs WHERE job_id = $1", "b" * 32)
+        odd = await job_row(conn, "b" * 32)
     assert job["state"] == "running"
-    assert dropped == 0
+    assert (odd["state"], odd["error_message"]) == ("failed", "bad \ufffd byte")
 
 
 async def wait_until_projected(platform: Platform) -> None:

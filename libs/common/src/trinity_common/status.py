@@ -201,9 +201,19 @@ ON CONFLICT (job_id, submission, attempt) DO UPDATE SET
 """
 
 
+def _storable(text: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL, and error messages quote whatever failed.
+    return None if text is None else text.replace("\x00", "\ufffd")
+
+
 async def apply_event(conn: Connection, event: StatusEvent, *, seq: int) -> None:
     """Fold one status event, at stream sequence ``seq``, into the job tables."""
     change = _change_of(event)
+    change = msgspec.structs.replace(
+        change,
+        error_message=_storable(change.error_message),
+        progress_message=_storable(change.progress_message),
+    )
     await conn.execute(
         _APPLY_TO_JOB,
         event.job_id,
