@@ -174,11 +174,10 @@ class Worker:
         stopped = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                free = self.queue.concurrency - len(self._running)
-                if free <= 0:
+                if len(self._running) >= self.queue.concurrency:
                     await asyncio.wait({stopped, *self._running}, return_when="FIRST_COMPLETED")
                     continue
-                for msg in await self._fetch(sub, free, stop):
+                for msg in await self._fetch_one(sub, stop):
                     task = asyncio.create_task(self._process(msg))
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
@@ -188,11 +187,13 @@ class Worker:
             await sub.unsubscribe()
             await cancels.unsubscribe()
 
-    async def _fetch(self, sub: Any, count: int, stop: asyncio.Event) -> list[Msg]:
+    async def _fetch_one(self, sub: Any, stop: asyncio.Event) -> list[Msg]:
         # Fetch only what can start now: a message waiting in this process's
         # hands would burn its ack deadline while another process sits idle.
+        # One at a time, because nats-py's fetch of n > 1 may leave two pull
+        # requests open and so be handed up to 2n messages.
         try:
-            msgs: list[Msg] = await sub.fetch(count, timeout=1.0)
+            msgs: list[Msg] = await sub.fetch(1, timeout=1.0)
         except TimeoutError:  # nats-py raises its own subclass, or a bare one from fetch
             self.last_fetch_at = asyncio.get_running_loop().time()
             return []  # nothing queued yet

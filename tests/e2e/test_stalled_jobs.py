@@ -1,0 +1,87 @@
+"""A job whose worker died never claims to be running for ever (case D6)."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import pytest
+
+from tests.e2e.sleeper import SLEEPER_TABLES
+from tests.support import eventually
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    import httpx
+
+    from tests.conftest import Services
+    from trinity_common.devstack import Database
+
+# One attempt only, a short ack deadline (4 s + 1 s), heartbeats under a second.
+QUEUE_ENV = {
+    "TRINITY_QUEUE_ANALYSIS_RETRIES": "0",
+    "TRINITY_QUEUE_ANALYSIS_TIMEOUT_S": "4",
+    "TRINITY_QUEUE_ANALYSIS_ACK_MARGIN_S": "1",
+}
+
+
+@pytest.fixture
+async def db(database: Database, services: Services) -> AsyncIterator[asyncpg.Pool]:
+    await services.start_gateway(**QUEUE_ENV)  # applies the schema the plan rows need
+    pool = await asyncpg.create_pool(database.url, min_size=1, max_size=2)
+    await pool.execute(SLEEPER_TABLES)
+    yield pool
+    await pool.close()
+
+
+async def plan_job(db: asyncpg.Pool, *, sleep_s: float) -> str:
+    dataset_id = secrets.token_hex(16)
+    await db.execute(
+        "INSERT INTO datasets (dataset_id, name, size_bytes, sha256, content_type)"
+        " VALUES ($1, 'planned.csv', 0, $2, 'text/csv')",
+        dataset_id,
+        "0" * 64,
+    )
+    await db.execute(
+        "INSERT INTO sleeper_plans (dataset_id, sleep_s) VALUES ($1, $2)", dataset_id, sleep_s
+    )
+    return dataset_id
+
+
+async def job_in(client: httpx.AsyncClient, job_id: str, *states: str) -> dict[str, Any] | None:
+    job: dict[str, Any] = (await client.get(f"/api/jobs/{job_id}")).json()
+    return job if job["state"] in states else None
+
+
+@pytest.mark.slow
+async def test_job_of_a_killed_worker_shows_stalled_then_fails_when_attempts_run_out(
+    services: Services, db: asyncpg.Pool
+) -> None:
+    sleeper = await services.start("tests.e2e.sleeper", **QUEUE_ENV)
+    async with services.client() as client:
+        accepted = await client.post(
+            "/api/analysis", json={"dataset_id": await plan_job(db, sleep_s=60)}
+        )
+        job_id = accepted.json()["job_id"]
+        running = await eventually(
+            lambda: job_in(client, job_id, "running"), timeout_s=20, what="the job to run"
+        )
+
+        await sleeper.kill()
+        stalled = await eventually(
+            lambda: job_in(client, job_id, "stalled"), timeout_s=15, what="the job to stall"
+        )
+        failed = await eventually(
+            lambda: job_in(client, job_id, "failed"), timeout_s=30, what="the job to fail"
+        )
+
+    assert running["attempt"] == 1
+    last_beat = datetime.fromisoformat(stalled["heartbeat_at"])
+    assert last_beat >= datetime.fromisoformat(running["heartbeat_at"])
+    assert failed["error"]["type"] == "attempts_exhausted"
+    assert "stopped reporting" in failed["error"]["message"]
+    assert failed["dead_lettered"] is True
+    assert failed["heartbeat_at"] == stalled["heartbeat_at"], "no beat came after the kill"
