@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -56,7 +57,15 @@ def main() -> None:
         timeout_graceful_shutdown=30,
     )
     server = _Server(config, app=app, delay_s=settings.gateway_shutdown_delay_s)
+    # uvicorn re-raises the signal that stopped it once it has shut down; by
+    # then the shutdown was graceful, so the process ends with status 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     server.run()
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":
