@@ -5,11 +5,11 @@ from __future__ import annotations
 import signal
 from typing import TYPE_CHECKING
 
-import httpx
-
 from tests.support import eventually
 
 if TYPE_CHECKING:
+    import httpx
+
     from tests.conftest import Services
 
 
