@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -189,3 +190,39 @@ async def test_heartbeats_flow_while_the_profile_computes(
 
     assert job["state"] == "succeeded", job
     assert len(beats) >= 2, "the heartbeat did not advance while the profile computed"
+
+
+def descendants(pid: int) -> set[int]:
+    """Return the pids of every living descendant of ``pid``."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split()
+        for child in map(int, children):
+            found |= {child, *descendants(child)}
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_killed_service_leaves_no_profiling_process_behind(services: Services) -> None:
+    """Its profiling children would otherwise compute on for no one, holding memory."""
+    analysis = await services.start("trinity_analysis")
+    await services.start_gateway()
+    async with services.client() as client:
+        accepted = await upload(client, "orders.csv", orders_csv(100), analyze=True)
+        await wait_for_job(client, accepted["job"]["job_id"], timeout_s=60)
+    children = descendants(analysis.pid)
+
+    await analysis.kill()
+
+    async def all_gone() -> bool | None:
+        return not any(is_alive(pid) for pid in children) or None
+
+    await eventually(all_gone, timeout_s=10, what="the service's children to exit")
+    assert children, "the service had no children to check"

@@ -109,6 +109,63 @@ async def test_malformed_body_gets_400_naming_the_problem(
         assert problem["problems"][0]["field"] == field
 
 
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"delimiter": "\u0000"}, "Invalid enum value"),
+        ({"encoding": "rot13"}, "'rot13' is not a text encoding"),
+        ({"encoding": "klingon"}, "'klingon' is not a text encoding"),
+        ({"encoding": "utf\u00008"}, "Expected `str` matching regex"),
+    ],
+    ids=["nul-delimiter", "bytes-codec", "unknown-encoding", "nul-encoding"],
+)
+async def test_option_that_could_never_work_gets_400_at_submission(
+    client: AsyncTestClient[Litestar], options: dict[str, str], words: str
+) -> None:
+    dataset = await upload(client)
+
+    response = await client.post(
+        "/api/analysis", json={"dataset_id": dataset["dataset_id"], "options": options}
+    )
+
+    assert response.status_code == 400
+    assert words in response.json()["detail"]
+
+
+async def test_deeply_nested_body_gets_400_not_500(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.post(
+        "/api/analysis", content=b"[" * 5000, headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 400
+    assert response.json()["detail"] == "the JSON body is nested too deeply"
+
+
+async def test_missing_body_gets_400_saying_it_is_missing(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    response = await client.post("/api/analysis")
+
+    assert response.status_code == 400
+    assert response.json()["problems"] == [{"field": "data", "message": "required, and missing"}]
+
+
+async def test_upload_name_keeps_only_printable_characters(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    # Built by hand: HTTP clients percent-encode what this test needs sent raw.
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="data"; filename="te\x00mps\t.csv"\r\n'
+        b"Content-Type: text/csv\r\n\r\n" + CSV + b"\r\n--b--\r\n"
+    )
+    response = await client.post(
+        "/api/upload", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+
+    assert response.status_code == 201
+    assert response.json()["dataset"]["name"] == "temps.csv"
+
+
 async def test_unknown_dataset_gets_422_naming_the_field(
     client: AsyncTestClient[Litestar], database: Database
 ) -> None:

@@ -8,7 +8,7 @@ gateway decodes client input into it and answers 4xx naming any bad field.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -20,10 +20,13 @@ DatasetId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$", description="
 class AnalysisOptions(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """How to read and profile a dataset. Every option has a working default."""
 
-    encoding: Annotated[str, msgspec.Meta(min_length=1, max_length=40)] | None = None
-    """Text encoding of the file; None reads a BOM if there is one, else strict UTF-8."""
+    encoding: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,39}$")] | None = (
+        None
+    )
+    """Text encoding of the file, such as ``cp1252``; None reads a BOM if there is one,
+    else strict UTF-8."""
 
-    delimiter: Annotated[str, msgspec.Meta(min_length=1, max_length=1)] | None = None
+    delimiter: Literal[",", ";", "\t", "|", ":", " "] | None = None
     """Field separator of a delimited file; None sniffs among ``,``, ``;``, tab and ``|``."""
 
     has_header: bool | None = None
@@ -43,6 +46,16 @@ class AnalysisOptions(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
 
     max_correlation_columns: Annotated[int, msgspec.Meta(ge=2, le=2000)] = 500
     """Numeric columns beyond this many are left out of the correlation matrix."""
+
+    def __post_init__(self) -> None:
+        if self.encoding is not None:
+            try:
+                "x".encode(self.encoding)
+            except UnicodeError:
+                pass  # a real text encoding, one that cannot spell "x"
+            except LookupError as err:
+                # Unknown names, and codecs that are not text encodings (rot13, base64).
+                raise ValueError(f"{self.encoding!r} is not a text encoding Python knows") from err
 
 
 class RunAnalysis(msgspec.Struct, kw_only=True, frozen=True, tag="run_analysis"):

@@ -22,13 +22,27 @@ if TYPE_CHECKING:
 
     from trinity_common.settings import ConnectionSettings
 
-__all__ = ["apply_migrations", "create_pool"]
+__all__ = ["UNAVAILABLE_ERRORS", "apply_migrations", "create_pool"]
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     Connection: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
     """A connection, whether held directly or borrowed from a pool."""
+
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # statement timeout, shutdown, not accepting yet
+    asyncpg.InsufficientResourcesError,  # too many connections, disk full
+)
+"""What a database that is down, slow, paused or overloaded raises.
+
+Worth waiting out and retrying. Any other database error is about the statement
+or its data, and retrying it would only repeat it.
+"""
 
 # An arbitrary constant: the key of the advisory lock migrations hold.
 _MIGRATION_LOCK = 0x7472696E

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import multiprocessing
 import queue
+import signal
+import sys
+from multiprocessing.managers import SyncManager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pebble
@@ -30,6 +34,8 @@ T = TypeVar("T")
 # (polars, numpy and asyncpg all do) can deadlock in the child.
 _SPAWN = multiprocessing.get_context("spawn")
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
 
 def _run_reporting(
     fn: Callable[..., T], progress_queue: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -40,12 +46,29 @@ def _run_reporting(
     return fn(*args, progress=report, **kwargs)
 
 
+def _bind_to_parent() -> None:
+    """Make a child process outlive neither its parent nor a terminal's Ctrl-C.
+
+    A Ctrl-C reaches the whole process group; the parent decides what happens to
+    running work (it finishes within the shutdown grace), so the child ignores it.
+    If the parent is killed outright, the kernel kills the child too
+    (PR_SET_PDEATHSIG, Linux), instead of leaving it to compute for no one.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class ProcessOffloader:
     """A pool of ``workers`` processes for synchronous, CPU-bound functions."""
 
     def __init__(self, *, workers: int) -> None:
-        self._pool = pebble.ProcessPool(max_workers=workers, context=_SPAWN)
-        self._manager = _SPAWN.Manager()
+        self._pool = pebble.ProcessPool(
+            max_workers=workers, context=_SPAWN, initializer=_bind_to_parent
+        )
+        self._manager = SyncManager(ctx=_SPAWN)
+        self._manager.start(_bind_to_parent)
 
     async def run(
         self,

@@ -23,6 +23,7 @@ import msgspec
 import nats.errors
 
 from trinity_common import broker, names
+from trinity_common.database import UNAVAILABLE_ERRORS
 from trinity_common.messages import (
     JobAccepted,
     JobCancelled,
@@ -250,10 +251,6 @@ async def apply_event(conn: Connection, event: StatusEvent, *, seq: int) -> None
         )
 
 
-# The database refused the event itself, not for being away: retrying cannot help.
-_BAD_EVENT_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-
-
 class StatusProjector:
     """Reads the status stream and keeps the job table current.
 
@@ -287,15 +284,15 @@ class StatusProjector:
                 for msg, event in events:
                     if event is not None:
                         await apply_event(conn, event, seq=msg.metadata.sequence.stream)
-        except _BAD_EVENT_ERRORS:
-            # One event the table refuses must not hold back the batch for ever.
-            await self._project_one_by_one(events)
-            return
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+        except UNAVAILABLE_ERRORS as err:
             # The database is unavailable: hand the batch back for later.
             logger.warning("status projection deferred", extra={"error_type": type(err).__name__})
             for msg, _ in events:
                 await _settle(msg.nak(delay=self._retry_s))
+            return
+        except asyncpg.PostgresError:
+            # One event the table refuses must not hold back the batch for ever.
+            await self._project_one_by_one(events)
             return
         for msg, _ in events:
             await _settle(msg.ack())
@@ -306,12 +303,12 @@ class StatusProjector:
                 if event is not None:
                     async with self._pool.acquire() as conn:
                         await apply_event(conn, event, seq=msg.metadata.sequence.stream)
-            except _BAD_EVENT_ERRORS:
+            except UNAVAILABLE_ERRORS:
+                await _settle(msg.nak(delay=self._retry_s))
+                continue
+            except asyncpg.PostgresError:
                 logger.exception("status event refused, dropped", extra={"subject": msg.subject})
                 await _settle(msg.term())
-                continue
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                await _settle(msg.nak(delay=self._retry_s))
                 continue
             await _settle(msg.ack())
 

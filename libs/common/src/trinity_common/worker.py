@@ -28,6 +28,7 @@ import msgspec
 import nats.errors
 
 from trinity_common import names
+from trinity_common.database import UNAVAILABLE_ERRORS
 from trinity_common.deadletter import DeadLetter, publish_dead_letter
 from trinity_common.errors import PermanentJobError, RetryableJobError
 from trinity_common.logs import bind_job_context
@@ -59,8 +60,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-"""What a database that is down, slow or restarting raises."""
+# What keeps an outcome from being recorded, for now: NATS or the database away.
+_UNRECORDED_ERRORS: tuple[type[Exception], ...] = (nats.errors.Error, *UNAVAILABLE_ERRORS)
 
 RESULT_INLINE_MAX_BYTES = 256 * 1024
 """Results larger than this (encoded) go to the object store instead of their row."""
@@ -237,10 +238,15 @@ class Worker:
                 # Shutdown outlasted its grace: hand the job back at once.
                 await _quietly(msg.nak())
                 raise
-            except (nats.errors.Error, *DATABASE_ERRORS) as err:
+            except _UNRECORDED_ERRORS as err:
                 # The outcome could not be recorded; JetStream redelivers the job
                 # after its ack deadline and the stored result, if any, is reused.
                 logger.warning("job outcome not recorded", extra={"error_type": type(err).__name__})
+                await _quietly(msg.nak(delay=self.queue.backoff_s(attempt)))
+            except Exception:
+                # A fault of the runtime itself: say so loudly, and hand the job
+                # back after a backoff rather than leave it to its ack deadline.
+                logger.exception("job processing failed")
                 await _quietly(msg.nak(delay=self.queue.backoff_s(attempt)))
 
     async def _process_envelope(self, msg: Msg, envelope: JobEnvelope, attempt: int) -> None:
@@ -325,7 +331,7 @@ class Worker:
             # missed; the job's record is the fallback, read once a beat.
             try:
                 prior = await self._prior_state(context.job_id)
-            except DATABASE_ERRORS:
+            except UNAVAILABLE_ERRORS:
                 continue  # the next beat asks again
             if prior.state == "cancelled":
                 self.cancel_job(context.job_id, reason="cancelled while running")
@@ -347,7 +353,19 @@ class Worker:
     async def _settle(self, msg: Msg, context: JobContext, outcome: _Outcome) -> None:
         attempt, envelope = context.attempt, context.envelope
         if outcome.kind == "succeeded" and outcome.result is not None:
-            await self._patiently(msg, self._store_result, envelope, attempt, outcome.result)
+            try:
+                await self._patiently(msg, self._store_result, envelope, attempt, outcome.result)
+            except asyncpg.PostgresError as err:
+                if isinstance(err, UNAVAILABLE_ERRORS):
+                    raise
+                # The database refuses this result itself; storing it again would too.
+                refused = _Outcome(
+                    kind="failed",
+                    error_type="result_refused",
+                    error_message=f"the result could not be stored: {err}",
+                )
+                await self._fail(msg, envelope, attempt, refused)
+                return
             await self._publish(
                 self._event(JobSucceeded, envelope, attempt, summary=outcome.result.summary)
             )
@@ -443,7 +461,7 @@ class Worker:
         while True:
             try:
                 return await operation(*args)
-            except DATABASE_ERRORS as err:
+            except UNAVAILABLE_ERRORS as err:
                 if loop.time() + delay > give_up_at:
                     raise
                 logger.warning("database unavailable, holding job", extra={"error": repr(err)})

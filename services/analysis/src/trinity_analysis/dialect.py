@@ -55,7 +55,7 @@ def sniff_dialect(text: str, *, fmt: str, options: AnalysisOptions) -> tuple[str
     """
     if "\n" not in text:
         text = text.replace("\r", "\n")
-    delimiter = options.delimiter
+    delimiter: str | None = options.delimiter
     if found := _EXCEL_SEPARATOR_LINE.match(text):
         text = text[found.end() :]
         delimiter = delimiter or found.group(1)

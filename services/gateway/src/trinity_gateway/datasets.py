@@ -53,6 +53,12 @@ def _dataset_response(row: asyncpg.Record) -> DatasetResponse:
     )
 
 
+def _display_name(upload: UploadFile) -> str:
+    # The name is shown back to people and stored as text: keep what is printable.
+    name = "".join(ch for ch in (upload.filename or "") if ch.isprintable()).strip()
+    return name[:255] or "upload"
+
+
 def _content_type(upload: UploadFile) -> str:
     given = (upload.content_type or "").split(";")[0].strip()
     if given and given != "application/octet-stream":
@@ -135,7 +141,7 @@ class DatasetController(Controller):
                 "INSERT INTO datasets (dataset_id, name, size_bytes, sha256, content_type)"
                 " VALUES ($1, $2, $3, $4, $5) RETURNING *",
                 dataset_id,
-                data.filename or "upload",
+                _display_name(data),
                 len(content),
                 hashlib.sha256(content).hexdigest(),
                 _content_type(data),

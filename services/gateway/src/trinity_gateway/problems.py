@@ -15,9 +15,14 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
 
 from trinity_common.client import BrokerUnavailableError, QueueFullError
+from trinity_common.database import UNAVAILABLE_ERRORS
 
 if TYPE_CHECKING:
     from litestar.types import ExceptionHandlersMap
@@ -70,10 +75,18 @@ def _field_of(item: dict[str, Any]) -> str:
     return key.removeprefix("$.") if source == "body" else f"{source}.{key}"
 
 
+def _message_of(item: dict[str, Any]) -> str:
+    message = str(item.get("message", ""))
+    # Litestar reports a missing body or parameter as the bare repr of its name.
+    if message == f"'{item.get('key')}'":
+        return "required, and missing"
+    return message
+
+
 def _problems_of(exc: HTTPException) -> list[Problem]:
     extra = exc.extra if isinstance(exc.extra, list) else []
     return [
-        Problem(field=_field_of(item), message=str(item.get("message", "")))
+        Problem(field=_field_of(item), message=_message_of(item))
         for item in extra
         if isinstance(item, dict)
     ]
@@ -122,6 +135,18 @@ def _on_database(request: Request[Any, Any, Any], exc: Exception) -> Response[An
     return _unavailable(request, "database unavailable; retry later")
 
 
+def _on_refused_value(_: Request[Any, Any, Any], exc: asyncpg.DataError) -> Response[Any]:
+    # Input the database cannot store (a NUL character, say) is the client's to fix.
+    return problem(
+        HTTP_400_BAD_REQUEST,
+        "the request holds a value that cannot be stored, such as a NUL character",
+    )
+
+
+def _on_too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[Any]:
+    return problem(HTTP_400_BAD_REQUEST, "the JSON body is nested too deeply")
+
+
 def _on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     logger.error("request failed", exc_info=exc)
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
@@ -132,9 +157,8 @@ exception_handlers: ExceptionHandlersMap = {
     RequestEntityTooLarge: _on_too_large,
     HTTPException: _on_http,
     BrokerUnavailableError: _on_broker,
-    asyncpg.PostgresError: _on_database,
-    asyncpg.InterfaceError: _on_database,
-    TimeoutError: _on_database,
-    OSError: _on_database,
+    asyncpg.DataError: _on_refused_value,
+    RecursionError: _on_too_deep,
+    **dict.fromkeys(UNAVAILABLE_ERRORS, _on_database),
     HTTP_500_INTERNAL_SERVER_ERROR: _on_unexpected,
 }
