@@ -83,7 +83,7 @@ class QueueSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
         return max(0.5, min(5.0, self.ack_wait_s / 6))
 
     def backoff_s(self, attempt: int, *, rng: random.Random | None = None) -> float:
-        """Return the delay before the attempt after ``attempt``, with full jitter.
+        """Return the delay before the attempt after ``attempt``, with jitter.
 
         The delay grows as ``base * 2**(attempt-1)``, capped at ``backoff_max_s``;
         the jitter draws uniformly from the upper half of that, so attempts are
