@@ -150,11 +150,10 @@ class TestEncodings:
         assert error.error_type == "encoding"
         assert "set options.encoding to 'utf-16-le' or 'utf-16-be'" in error.message
 
-    def test_unknown_encoding_option_fails_as_encoding_error(self) -> None:
-        error = failure_of(b"a\n1\n", encoding="klingon")
-
-        assert error.error_type == "encoding"
-        assert error.message.startswith("options.encoding 'klingon' is not a text encoding")
+    def test_unknown_encoding_option_is_refused_before_any_reading(self) -> None:
+        """Refused when the options are built, so the gateway answers 400 at submission."""
+        with pytest.raises(ValueError, match="'klingon' is not a text encoding"):
+            AnalysisOptions(encoding="klingon")
 
 
 class TestUnreadableText:

@@ -8,7 +8,7 @@ Every limit a worker, a consumer or the gateway applies to a queue comes from a
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
@@ -18,7 +18,10 @@ from trinity_common.settings import SettingsError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["QUEUES", "QueueSettings", "load_queue_settings"]
+__all__ = ["QUEUES", "QueueName", "QueueSettings", "load_queue_settings"]
+
+QueueName = Literal["analysis", "retraining", "reports", "email", "notifications"]
+"""The name of a queue in the catalogue."""
 
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
 

@@ -153,7 +153,13 @@ class DatasetController(Controller):
         job = None
         if analyze:
             command = RunAnalysis(dataset_id=dataset_id, options=AnalysisOptions())
-            job = await accept_job(state, "analysis", command)
+            try:
+                job = await accept_job(state, "analysis", command)
+            except BrokerUnavailableError as err:
+                raise BrokerUnavailableError(
+                    f"the dataset was stored as {dataset_id}, but its analysis was not queued"
+                    f" ({err.message}); POST /api/analysis with that dataset_id later"
+                ) from err
         body = UploadResponse(dataset_id=dataset_id, dataset=dataset, job=job)
         return Response(body, headers={"Location": dataset.url})
 

@@ -52,6 +52,7 @@ def _result_of(row: asyncpg.Record) -> JobResult | None:
 
 def _attempt_of(record: asyncpg.Record) -> Attempt:
     return Attempt(
+        submission=record["submission"],
         attempt=record["attempt"],
         worker=record["worker"],
         started_at=record["started_at"],
@@ -97,9 +98,7 @@ async def load_job(
     if row is None:
         raise NotFoundException(f"no job with id {job_id}")
     attempts = await pool.fetch(
-        "SELECT * FROM job_attempts WHERE job_id = $1 AND submission = $2 ORDER BY attempt",
-        job_id,
-        row["submission"],
+        "SELECT * FROM job_attempts WHERE job_id = $1 ORDER BY submission, attempt", job_id
     )
     return job_response(row, attempts, queues)
 

@@ -11,6 +11,7 @@ import asyncio
 
 from litestar import Controller, Response, get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from trinity_gateway.schemas import HealthResponse
@@ -49,6 +50,9 @@ def _answer(checks: dict[str, str]) -> Response[HealthResponse]:
     )
 
 
+_DOWN = {503: ResponseSpec(HealthResponse, description="a dependency is down")}
+
+
 class HealthController(Controller):
     """Probes for orchestrators and people."""
 
@@ -60,12 +64,14 @@ class HealthController(Controller):
         """Answer 200 while the event loop runs."""
         return HealthResponse(status="ok", checks={})
 
-    @get("/ready")
+    @get(
+        "/ready", responses={503: ResponseSpec(HealthResponse, description="a dependency is down")}
+    )
     async def get_ready(self, state: State) -> Response[HealthResponse]:
         """Answer 200 when NATS and PostgreSQL answer, else 503 naming what is down."""
         return _answer(await _checks(state))
 
-    @get("/")
+    @get("/", responses=_DOWN)
     async def get_health(self, state: State) -> Response[HealthResponse]:
         """Report each dependency; the same verdict as readiness."""
         return _answer(await _checks(state))

@@ -25,6 +25,7 @@ from trinity_common.client import submit_job
 from trinity_common.commands import Command, RunAnalysis
 from trinity_common.messages import CancelRequest as CancelBroadcast
 from trinity_common.messages import JobCancelled, JobState, utc_now
+from trinity_common.queues import QueueName
 from trinity_common.status import publish_status
 from trinity_gateway.documents import decode_cursor, encode_cursor, job_response, load_job
 from trinity_gateway.problems import problem_spec
@@ -67,7 +68,7 @@ Limit = Annotated[int, QueryParameter(ge=1, le=500, description="Most items per 
 Cursor = Annotated[
     str | None, QueryParameter(description="The `next_cursor` of the previous page.")
 ]
-QueueFilter = Annotated[str | None, QueryParameter(description="Only jobs of this queue.")]
+QueueFilter = Annotated[QueueName | None, QueryParameter(description="Only jobs of this queue.")]
 
 _NOT_FOUND = problem_spec("no job with that id")
 _TERMINAL = ("succeeded", "failed", "cancelled")
@@ -121,8 +122,7 @@ async def _page(
     rows = rows[:limit]
     attempts: dict[str, list[asyncpg.Record]] = defaultdict(list)
     for record in await pool.fetch(
-        "SELECT a.* FROM job_attempts a JOIN jobs j USING (job_id)"
-        " WHERE a.job_id = ANY($1) AND a.submission = j.submission ORDER BY a.attempt",
+        "SELECT * FROM job_attempts WHERE job_id = ANY($1) ORDER BY submission, attempt",
         [row["job_id"] for row in rows],
     ):
         attempts[record["job_id"]].append(record)

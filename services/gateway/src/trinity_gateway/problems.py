@@ -68,8 +68,13 @@ def problem_spec(description: str) -> ResponseSpec:
     return ResponseSpec(data_container=ProblemResponse, description=description)
 
 
+# Handler parameters whose Python name differs from the name a client sends.
+_CLIENT_NAMES = {"job_state": "state", "idempotency_key": "Idempotency-Key"}
+
+
 def _field_of(item: dict[str, Any]) -> str:
     key = str(item.get("key") or "")
+    key = _CLIENT_NAMES.get(key, key)
     source = item.get("source") or "body"
     source = str(getattr(source, "value", source)).lower()
     return key.removeprefix("$.") if source == "body" else f"{source}.{key}"

@@ -84,6 +84,8 @@ class JobResult(msgspec.Struct, kw_only=True, frozen=True):
 class Attempt(msgspec.Struct, kw_only=True, frozen=True):
     """One attempt at the job."""
 
+    submission: int
+    """1, plus one for each manual retry of the dead job; attempts count afresh in each."""
     attempt: int
     worker: str
     started_at: datetime
