@@ -6,16 +6,21 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import nats
 import palmerpenguins
 import pandas as pd
 import pytest
 
 from tests.support import wait_for_job
+from trinity_common.client import submit_job
+from trinity_common.commands import RunAnalysis
+from trinity_common.queues import QUEUES
 
 if TYPE_CHECKING:
     import httpx
 
     from tests.conftest import Services
+    from trinity_common.devstack import NatsServer
 
 PENGUINS = Path(palmerpenguins.__file__).parent / "data" / "penguins.csv"
 
@@ -113,3 +118,26 @@ async def test_unreadable_file_fails_job_once_with_clear_error(
     assert job["attempt"] == 1, "a permanent error must not be retried"
     assert job["error"]["type"] == error_type
     assert words.lower() in job["error"]["message"].lower()
+
+
+async def test_job_naming_a_missing_dataset_fails_at_once_without_retries(
+    running: Services, nats_server: NatsServer
+) -> None:
+    """Another service may submit straight to JetStream, naming a dataset that is not there."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        envelope = await submit_job(
+            nc.jetstream(), QUEUES["analysis"], RunAnalysis(dataset_id="f" * 32)
+        )
+    finally:
+        await nc.close()
+
+    async with running.client() as client:
+        job = await wait_for_job(client, envelope.job_id, timeout_s=60)
+
+    assert (job["state"], job["attempt"]) == ("failed", 1)
+    assert job["error"] == {
+        "type": "dataset_not_found",
+        "message": f"dataset {'f' * 32} does not exist",
+    }
+    assert job["dead_lettered"] is True
