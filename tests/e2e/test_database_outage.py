@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ import httpx
 import pytest
 
 from tests.conftest import Services
+from tests.e2e.plans import plan_job, submit
 from tests.e2e.sleeper import SLEEPER_TABLES
 from tests.support import TERMINAL, eventually
 from trinity_common.devstack import Database, NatsServer, PostgresServer
@@ -173,7 +173,9 @@ async def _play_outage(
     await services.start_gateway()
     await start_sleeper(services)
     async with services.client() as client:
-        job_ids = [await submit(client, await plan_job(db)) for _ in range(JOBS)]
+        job_ids = [
+            await submit(client, await plan_job(db, sleep_s=JOB_SLEEP_S)) for _ in range(JOBS)
+        ]
         await wait_for_a_run(db)
 
         answers = await storm_through_pause(services.gateway_url, job_ids, postgres)
@@ -205,32 +207,6 @@ async def start_sleeper(services: Services) -> ServiceProcess:
 
     await eventually(consuming, timeout_s=STARTUP_TIMEOUT_S, what="the sleeper to consume")
     return process
-
-
-async def plan_job(db: asyncpg.Pool) -> str:
-    """Add a dataset the gateway accepts and the sleeper's plan for it; return its id."""
-    dataset_id = secrets.token_hex(16)
-    async with db.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "INSERT INTO datasets (dataset_id, name, size_bytes, sha256, content_type)"
-            " VALUES ($1, 'planned.csv', 0, $2, 'text/csv')",
-            dataset_id,
-            "0" * 64,
-        )
-        await conn.execute(
-            "INSERT INTO sleeper_plans (dataset_id, sleep_s) VALUES ($1, $2)",
-            dataset_id,
-            JOB_SLEEP_S,
-        )
-    return dataset_id
-
-
-async def submit(client: httpx.AsyncClient, dataset_id: str) -> str:
-    """Submit an analysis of ``dataset_id``, expect 202, and return the job id."""
-    response = await client.post("/api/analysis", json={"dataset_id": dataset_id})
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
 
 
 async def wait_for_a_run(db: asyncpg.Pool) -> None:

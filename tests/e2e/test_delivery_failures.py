@@ -24,6 +24,7 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.e2e.plans import plan_job, result_counts, submit
 from tests.e2e.sleeper import SLEEPER_TABLES
 from tests.support import eventually, wait_for_job
 from trinity_common import names
@@ -94,36 +95,6 @@ def tail(process: ServiceProcess) -> str:
     return process.output()[-4000:]
 
 
-async def plan_job(db: asyncpg.Pool, *, sleep_s: float, fail_first: int = 0) -> str:
-    """Add a dataset the gateway accepts and the sleeper's plan for it; return its id.
-
-    The ``datasets`` table is Trinity's, so a service must have migrated first.
-    """
-    dataset_id = secrets.token_hex(16)
-    async with db.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "INSERT INTO datasets (dataset_id, name, size_bytes, sha256, content_type)"
-            " VALUES ($1, 'planned.csv', 0, $2, 'text/csv')",
-            dataset_id,
-            "0" * 64,
-        )
-        await conn.execute(
-            "INSERT INTO sleeper_plans (dataset_id, sleep_s, fail_first) VALUES ($1, $2, $3)",
-            dataset_id,
-            sleep_s,
-            fail_first,
-        )
-    return dataset_id
-
-
-async def submit(client: httpx.AsyncClient, dataset_id: str) -> str:
-    """Submit an analysis of ``dataset_id``, expect 202, and return the job id."""
-    response = await client.post("/api/analysis", json={"dataset_id": dataset_id})
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
-
-
 async def submit_planned(client: httpx.AsyncClient, db: asyncpg.Pool, *, sleep_s: float) -> str:
     """Plan a job sleeping ``sleep_s`` and submit it; return the job id."""
     return await submit(client, await plan_job(db, sleep_s=sleep_s))
@@ -164,11 +135,6 @@ async def runs_of(db: asyncpg.Pool) -> list[Any]:
     """Return every run the sleepers recorded, in the order they started."""
     rows: list[Any] = await db.fetch("SELECT * FROM sleeper_runs ORDER BY run_id")
     return rows
-
-
-async def result_counts(db: asyncpg.Pool) -> dict[str, int]:
-    rows = await db.fetch("SELECT job_id, count(*) AS n FROM job_results GROUP BY job_id")
-    return {row["job_id"]: row["n"] for row in rows}
 
 
 async def job_ids_recorded(db: asyncpg.Pool) -> set[str]:

@@ -16,13 +16,13 @@ wait of a job queued behind two others in one process.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
 
+from tests.e2e.plans import plan_job, result_counts, submit
 from tests.e2e.sleeper import SLEEPER_TABLES
 from tests.support import eventually, wait_for_job
 
@@ -77,32 +77,6 @@ async def start_sleepers(services: Services, count: int) -> list[ServiceProcess]
     return processes
 
 
-async def plan_job(db: asyncpg.Pool) -> str:
-    """Add a dataset the gateway accepts and the sleeper's plan for it; return its id."""
-    dataset_id = secrets.token_hex(16)
-    async with db.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "INSERT INTO datasets (dataset_id, name, size_bytes, sha256, content_type)"
-            " VALUES ($1, 'planned.csv', 0, $2, 'text/csv')",
-            dataset_id,
-            "0" * 64,
-        )
-        await conn.execute(
-            "INSERT INTO sleeper_plans (dataset_id, sleep_s) VALUES ($1, $2)",
-            dataset_id,
-            JOB_SLEEP_S,
-        )
-    return dataset_id
-
-
-async def submit(client: httpx.AsyncClient, dataset_id: str) -> str:
-    """Submit an analysis of ``dataset_id``, expect 202, and return the job id."""
-    response = await client.post("/api/analysis", json={"dataset_id": dataset_id})
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
-
-
 async def wait_for_jobs(client: httpx.AsyncClient, job_ids: list[str]) -> dict[str, dict[str, Any]]:
     """Wait for every job to end, all against one deadline; return their documents."""
     async with asyncio.timeout(JOBS_DEADLINE_S):
@@ -118,12 +92,6 @@ async def runs_by_job(db: asyncpg.Pool) -> dict[str, list[asyncpg.Record]]:
     for run in await db.fetch("SELECT * FROM sleeper_runs ORDER BY started_at, run_id"):
         runs[run["job_id"]].append(run)
     return dict(runs)
-
-
-async def result_counts(db: asyncpg.Pool) -> dict[str, int]:
-    """Return how many ``job_results`` rows each job has."""
-    rows = await db.fetch("SELECT job_id, count(*) AS n FROM job_results GROUP BY job_id")
-    return {row["job_id"]: row["n"] for row in rows}
 
 
 def overlapping(runs: list[asyncpg.Record]) -> list[tuple[int, int]]:
@@ -143,7 +111,7 @@ async def test_each_job_runs_once_when_two_workers_share_jobs_longer_than_their_
 ) -> None:
     await services.start_gateway(**QUEUE_ENV)
     await start_sleepers(services, SLEEPERS)
-    datasets = [await plan_job(db) for _ in range(JOBS)]
+    datasets = [await plan_job(db, sleep_s=JOB_SLEEP_S) for _ in range(JOBS)]
 
     async with services.client() as client:
         job_ids = [await submit(client, dataset_id) for dataset_id in datasets]

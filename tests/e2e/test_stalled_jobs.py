@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
 
+from tests.e2e.plans import plan_job
 from tests.e2e.sleeper import SLEEPER_TABLES
 from tests.support import eventually
 
@@ -35,20 +35,6 @@ async def db(database: Database, services: Services) -> AsyncIterator[asyncpg.Po
     await pool.execute(SLEEPER_TABLES)
     yield pool
     await pool.close()
-
-
-async def plan_job(db: asyncpg.Pool, *, sleep_s: float) -> str:
-    dataset_id = secrets.token_hex(16)
-    await db.execute(
-        "INSERT INTO datasets (dataset_id, name, size_bytes, sha256, content_type)"
-        " VALUES ($1, 'planned.csv', 0, $2, 'text/csv')",
-        dataset_id,
-        "0" * 64,
-    )
-    await db.execute(
-        "INSERT INTO sleeper_plans (dataset_id, sleep_s) VALUES ($1, $2)", dataset_id, sleep_s
-    )
-    return dataset_id
 
 
 async def job_in(client: httpx.AsyncClient, job_id: str, *states: str) -> dict[str, Any] | None:
