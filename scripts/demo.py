@@ -134,7 +134,7 @@ async def run(args: argparse.Namespace) -> int:
         try:
             async with httpx.AsyncClient(base_url=base, timeout=30.0) as client:
                 await gateway.wait_ready(port)
-                status = await profile_file(client, base, dataset, args.timeout)
+                status = await profile_file(client, base, dataset, args.timeout, keep=args.keep)
                 if args.keep:
                     print("\nrunning until Ctrl-C ...")
                     await wait_for_interrupt()
@@ -154,7 +154,7 @@ async def wait_for_interrupt() -> None:
 
 
 async def profile_file(
-    client: httpx.AsyncClient, base: str, dataset: Path, timeout_s: float
+    client: httpx.AsyncClient, base: str, dataset: Path, timeout_s: float, *, keep: bool
 ) -> int:
     content = await asyncio.to_thread(dataset.read_bytes)
     print(f"uploading {dataset.name} ({len(content):,} bytes) to {base}")
@@ -173,7 +173,7 @@ async def profile_file(
         return 1
     profile = (await client.get(job["result"]["url"])).json()["profile"]
     print_profile(profile)
-    print("\nlook at (run with KEEP=1 to keep them up):")
+    print("\nlook at:" if keep else "\nlook at (with KEEP=1 they stay up until Ctrl-C):")
     for path in (job_url, job["result"]["url"], upload["dataset"]["url"], "/schema"):
         print(f"  {base}{path}")
     return 0

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from typing import TYPE_CHECKING, Annotated
 
 import asyncpg
@@ -22,7 +23,7 @@ from trinity_common.database import apply_migrations, create_pool
 from trinity_common.logs import configure_logging
 from trinity_common.probes import serving_probes
 from trinity_common.queues import load_queue_settings
-from trinity_common.settings import ConnectionSettings, load_settings
+from trinity_common.settings import ConnectionSettings, SettingsError, load_settings
 from trinity_common.worker import Worker
 
 if TYPE_CHECKING:
@@ -125,8 +126,17 @@ def run_worker_service(
     provide_handler: Callable[[QueueSettings], AbstractAsyncContextManager[Handler]],
     env: Mapping[str, str],
 ) -> None:
-    """Run a worker service in this process until SIGTERM or SIGINT."""
-    settings = load_settings(ConnectionSettings, env)
+    """Run a worker service in this process until SIGTERM or SIGINT.
+
+    A malformed setting ends the process at once with status 2 and one line
+    naming the variable, before anything connects anywhere.
+    """
+    try:
+        settings = load_settings(WorkerSettings, env)
+        load_queue_settings(queue_name, env)
+    except SettingsError as err:
+        print(f"trinity-{service}: {err}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
+        sys.exit(2)
     configure_logging(service=service, level=settings.log_level, log_format=settings.log_format)
 
     async def main() -> None:

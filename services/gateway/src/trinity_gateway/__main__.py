@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from typing import TYPE_CHECKING
 
 import uvicorn
 
 from trinity_common.logs import configure_logging
-from trinity_common.settings import load_settings
+from trinity_common.settings import SettingsError, load_settings
 from trinity_gateway.app import create_app
 from trinity_gateway.settings import GatewaySettings
 
@@ -43,9 +44,14 @@ class _Server(uvicorn.Server):
 
 def main() -> None:
     """Serve the HTTP API until SIGTERM, then finish requests in flight and exit 0."""
-    settings = load_settings(GatewaySettings, os.environ)
+    try:
+        settings = load_settings(GatewaySettings, os.environ)
+        app = create_app(settings, env=os.environ)
+    except SettingsError as err:
+        # One line naming the variable, and status 2, before anything connects.
+        print(f"trinity-gateway: {err}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
+        sys.exit(2)
     configure_logging(service="gateway", level=settings.log_level, log_format=settings.log_format)
-    app = create_app(settings, env=os.environ)
     config = uvicorn.Config(
         app,
         host=settings.gateway_host,
