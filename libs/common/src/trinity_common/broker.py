@@ -56,11 +56,23 @@ _DAY_S = 86_400.0
 async def connect(settings: ConnectionSettings, *, name: str) -> Client:
     """Connect to NATS and keep reconnecting for as long as the process lives.
 
-    The first connection must succeed within the connect timeout, so a service
+    The first connection must succeed within five publish timeouts, so a service
     pointed at the wrong address fails at start-up; after that, an outage is
     ridden out by reconnecting, and readiness reports it meanwhile.
     """
+    # The first connection gets a bounded number of tries; reconnects later are
+    # unbounded. nats-py applies max_reconnect_attempts to both, so bound it here.
+    deadline_s = settings.nats_timeout_s * 5
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await _connect(settings, name=name)
+    except TimeoutError as err:
+        raise ConnectionError(
+            f"no NATS server answered at {settings.nats_url} within {deadline_s:g} s"
+        ) from err
 
+
+async def _connect(settings: ConnectionSettings, *, name: str) -> Client:
     async def on_disconnect() -> None:
         logger.warning("nats disconnected")
 

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import asyncpg
 import msgspec
+import nats.errors
 import uvloop
 
 from trinity_common import broker
-from trinity_common.database import apply_migrations, create_pool
+from trinity_common.database import UNAVAILABLE_ERRORS, apply_migrations, create_pool
 from trinity_common.logs import configure_logging
 from trinity_common.probes import serving_probes
 from trinity_common.queues import load_queue_settings
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["WorkerSettings", "run_worker_service", "serve_queue"]
 
 logger = logging.getLogger(__name__)
+
+_UNAVAILABLE: tuple[type[Exception], ...] = (nats.errors.NoServersError, *UNAVAILABLE_ERRORS)
 
 
 class WorkerSettings(ConnectionSettings, kw_only=True, frozen=True):
@@ -61,8 +64,12 @@ async def serve_queue(
     provide_handler: Callable[[QueueSettings], AbstractAsyncContextManager[Handler]],
     env: Mapping[str, str],
     stop: asyncio.Event,
+    started: asyncio.Event | None = None,
 ) -> None:
-    """Run ``queue_name``'s jobs until ``stop`` is set, then shut down gracefully."""
+    """Run ``queue_name``'s jobs until ``stop`` is set, then shut down gracefully.
+
+    ``started`` is set once the service is connected and about to consume.
+    """
     settings = load_settings(WorkerSettings, env)
     queue = load_queue_settings(queue_name, env)
     async with contextlib.AsyncExitStack() as stack:
@@ -95,6 +102,8 @@ async def serve_queue(
             )
         )
         logger.info("service started", extra={"queue": queue.name, "consumer": queue.durable})
+        if started is not None:
+            started.set()
         await worker.run(stop)
     logger.info("service stopped", extra={"queue": queue.name})
 
@@ -140,16 +149,36 @@ def run_worker_service(
     configure_logging(service=service, level=settings.log_level, log_format=settings.log_format)
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stop, started = asyncio.Event(), asyncio.Event()
+        main_task = asyncio.current_task()
+        assert main_task is not None  # noqa: S101 - main() always runs as a task
+
+        def on_signal() -> None:
+            # Once consuming, stop gracefully; while still starting up (waiting
+            # for a dependency, say) there is nothing to finish, so stop at once.
+            if started.is_set():
+                stop.set()
+            else:
+                main_task.cancel()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
         await serve_queue(
             service=service,
             queue_name=queue_name,
             provide_handler=provide_handler,
             env=env,
             stop=stop,
+            started=started,
         )
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except asyncio.CancelledError:
+        logger.info("service stopped while starting")
+    except _UNAVAILABLE as err:
+        # Most often at start-up: a wrong address, or a dependency not up yet.
+        # One line says which; the orchestrator restarts the process.
+        logger.error("service stopped, a dependency is unavailable", extra={"error": repr(err)})  # noqa: TRY400 - the cause is the message; a traceback adds nothing
+        sys.exit(1)
