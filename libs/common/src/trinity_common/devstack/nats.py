@@ -44,6 +44,10 @@ _STOP_TIMEOUT_S = 10.0
 _VERSION_TIMEOUT_S = 10.0
 # Between attempts to bind a port a previous server has not released yet.
 _RETRY_INTERVAL_S = 0.1
+# However little of the start deadline is left, a spawned server gets this long
+# to report its ports or exit: on a loaded machine the last try would otherwise
+# be cut off before it could say the port was busy.
+_SPAWN_GRACE_S = 5.0
 
 
 class NatsServer:
@@ -224,7 +228,7 @@ class NatsServer:
         try:
             return await poll_until(
                 lambda: self._read_ports(process),
-                deadline=deadline,
+                deadline=max(deadline, asyncio.get_running_loop().time() + _SPAWN_GRACE_S),
                 what="nats-server to report its ports",
                 log_path=self.log_path,
             )
