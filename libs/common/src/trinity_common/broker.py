@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.js.api import (
@@ -28,7 +28,7 @@ from nats.js.errors import BucketNotFoundError
 from trinity_common import names
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable
 
     from nats.aio.client import Client
     from nats.aio.msg import Msg
@@ -46,6 +46,7 @@ __all__ = [
     "ensure_work_consumer",
     "open_object_store",
     "pull_batches",
+    "settle",
 ]
 
 logger = logging.getLogger(__name__)
@@ -260,3 +261,16 @@ async def open_object_store(js: JetStreamContext, bucket: str, *, replicas: int 
             bucket,
             config=nats.js.api.ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas),
         )
+
+
+async def settle(operation: Awaitable[Any], *, what: str = "settle") -> None:
+    """Await an ack, nak or term whose loss only means a later redelivery.
+
+    JetStream delivers an unsettled message again after its ack deadline, and
+    every consumer in Trinity absorbs a repeat, so a disconnect here is logged
+    and otherwise ignored.
+    """
+    try:
+        await operation
+    except nats.errors.Error as err:
+        logger.debug("%s lost", what, extra={"error_type": type(err).__name__})

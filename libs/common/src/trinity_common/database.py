@@ -8,6 +8,7 @@ missing, the others find nothing left to do.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
     from trinity_common.settings import ConnectionSettings
 
-__all__ = ["UNAVAILABLE_ERRORS", "apply_migrations", "create_pool"]
+__all__ = ["UNAVAILABLE_ERRORS", "apply_migrations", "create_pool", "ping"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,21 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 Worth waiting out and retrying. Any other database error is about the statement
 or its data, and retrying it would only repeat it.
 """
+
+
+async def ping(pool: asyncpg.Pool, *, timeout_s: float = 1.0) -> str:
+    """Answer ``"ok"`` if the database runs a trivial query in time, else why not.
+
+    For readiness probes: whatever goes wrong means "not ready", and the reason
+    names only the error's type, never connection details.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await pool.fetchval("SELECT 1")
+    except Exception as err:  # noqa: BLE001 - any failure means not ready; the type is reported
+        return f"down: {type(err).__name__}"
+    return "ok"
+
 
 # An arbitrary constant: the key of the advisory lock migrations hold.
 _MIGRATION_LOCK = 0x7472696E

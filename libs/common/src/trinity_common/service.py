@@ -14,13 +14,12 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Annotated
 
-import asyncpg
 import msgspec
 import nats.errors
 import uvloop
 
 from trinity_common import broker
-from trinity_common.database import UNAVAILABLE_ERRORS, apply_migrations, create_pool
+from trinity_common.database import UNAVAILABLE_ERRORS, apply_migrations, create_pool, ping
 from trinity_common.logs import configure_logging
 from trinity_common.probes import serving_probes
 from trinity_common.queues import load_queue_settings
@@ -30,6 +29,8 @@ from trinity_common.worker import Worker
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
     from contextlib import AbstractAsyncContextManager
+
+    import asyncpg
 
     from trinity_common.queues import QueueSettings
     from trinity_common.worker import Handler
@@ -118,12 +119,7 @@ def _readiness_checks(
         return "ok" if silence < stale_s else f"down: no fetch reached NATS for {silence:.0f} s"
 
     async def database_check() -> str:
-        try:
-            async with asyncio.timeout(1.0):
-                await pool.fetchval("SELECT 1")
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
-            return f"down: {type(err).__name__}"
-        return "ok"
+        return await ping(pool)
 
     return {"nats": nats_check, "database": database_check}
 

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import msgspec
-import nats.errors
 
 from trinity_common import broker, names
 from trinity_common.database import UNAVAILABLE_ERRORS
@@ -288,14 +287,14 @@ class StatusProjector:
             # The database is unavailable: hand the batch back for later.
             logger.warning("status projection deferred", extra={"error_type": type(err).__name__})
             for msg, _ in events:
-                await _settle(msg.nak(delay=self._retry_s))
+                await broker.settle(msg.nak(delay=self._retry_s))
             return
         except asyncpg.PostgresError:
             # One event the table refuses must not hold back the batch for ever.
             await self._project_one_by_one(events)
             return
         for msg, _ in events:
-            await _settle(msg.ack())
+            await broker.settle(msg.ack())
 
     async def _project_one_by_one(self, events: list[tuple[Msg, StatusEvent | None]]) -> None:
         for msg, event in events:
@@ -304,13 +303,13 @@ class StatusProjector:
                     async with self._pool.acquire() as conn:
                         await apply_event(conn, event, seq=msg.metadata.sequence.stream)
             except UNAVAILABLE_ERRORS:
-                await _settle(msg.nak(delay=self._retry_s))
+                await broker.settle(msg.nak(delay=self._retry_s))
                 continue
             except asyncpg.PostgresError:
                 logger.exception("status event refused, dropped", extra={"subject": msg.subject})
-                await _settle(msg.term())
+                await broker.settle(msg.term())
                 continue
-            await _settle(msg.ack())
+            await broker.settle(msg.ack())
 
     @staticmethod
     def _decode(msg: Msg) -> StatusEvent | None:
@@ -319,12 +318,3 @@ class StatusProjector:
         except msgspec.DecodeError:
             logger.exception("undecodable status event dropped", extra={"subject": msg.subject})
             return None
-
-
-async def _settle(operation: Any) -> None:
-    # An ack or nak lost to a disconnect only means the event is delivered again,
-    # which the guarded update absorbs.
-    try:
-        await operation
-    except nats.errors.Error as err:
-        logger.debug("status ack lost", extra={"error_type": type(err).__name__})

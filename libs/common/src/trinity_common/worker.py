@@ -27,7 +27,7 @@ import asyncpg
 import msgspec
 import nats.errors
 
-from trinity_common import names
+from trinity_common import broker, names
 from trinity_common.database import UNAVAILABLE_ERRORS
 from trinity_common.deadletter import DeadLetter, publish_dead_letter
 from trinity_common.errors import PermanentJobError, RetryableJobError
@@ -236,18 +236,18 @@ class Worker:
                 await self._process_envelope(msg, envelope, attempt)
             except asyncio.CancelledError:
                 # Shutdown outlasted its grace: hand the job back at once.
-                await _quietly(msg.nak())
+                await broker.settle(msg.nak())
                 raise
             except _UNRECORDED_ERRORS as err:
                 # The outcome could not be recorded; JetStream redelivers the job
                 # after its ack deadline and the stored result, if any, is reused.
                 logger.warning("job outcome not recorded", extra={"error_type": type(err).__name__})
-                await _quietly(msg.nak(delay=self.queue.backoff_s(attempt)))
+                await broker.settle(msg.nak(delay=self.queue.backoff_s(attempt)))
             except Exception:
                 # A fault of the runtime itself: say so loudly, and hand the job
                 # back after a backoff rather than leave it to its ack deadline.
                 logger.exception("job processing failed")
-                await _quietly(msg.nak(delay=self.queue.backoff_s(attempt)))
+                await broker.settle(msg.nak(delay=self.queue.backoff_s(attempt)))
 
     async def _process_envelope(self, msg: Msg, envelope: JobEnvelope, attempt: int) -> None:
         prior = await self._patiently(msg, self._prior_state, envelope.job_id)
@@ -438,7 +438,7 @@ class Worker:
         logger.error(
             "undecodable job dead-lettered", extra={"subject": msg.subject, "error": str(err)}
         )
-        await _quietly(
+        await broker.settle(
             self.js.publish(
                 self.queue.dead_subject,
                 msg.data,
@@ -446,7 +446,7 @@ class Worker:
                 stream=names.DEAD_STREAM,
             )
         )
-        await _quietly(msg.term())
+        await broker.settle(msg.term())
 
     async def _patiently(self, msg: Msg, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run a database ``operation``, riding out an outage of up to an ack deadline.
@@ -466,7 +466,7 @@ class Worker:
                     raise
                 logger.warning("database unavailable, holding job", extra={"error": repr(err)})
             await asyncio.sleep(delay)
-            await _quietly(msg.in_progress())
+            await broker.settle(msg.in_progress())
             delay = min(delay * 2, 5.0)
 
     async def _prior_state(self, job_id: str) -> _Prior:
@@ -534,12 +534,3 @@ class Worker:
             attempt=attempt,
             **fields,
         )
-
-
-async def _quietly(operation: Awaitable[Any]) -> None:
-    # For acks and naks on a path that is already failing: losing one only
-    # means JetStream redelivers after the ack deadline.
-    try:
-        await operation
-    except nats.errors.Error as err:
-        logger.debug("settle lost", extra={"error_type": type(err).__name__})

@@ -7,25 +7,15 @@ orchestrator stops sending traffic if not, and resumes once they do.
 
 from __future__ import annotations
 
-import asyncio
-
 from litestar import Controller, Response, get
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
+from trinity_common import database
 from trinity_gateway.schemas import HealthResponse
 
 __all__ = ["HealthController"]
-
-
-async def _check_database(state: State) -> str:
-    try:
-        async with asyncio.timeout(1.0):
-            await state.pool.fetchval("SELECT 1")
-    except Exception as err:  # noqa: BLE001 - any failure means not ready; the type is reported
-        return f"down: {type(err).__name__}"
-    return "ok"
 
 
 def _check_nats(state: State) -> str:
@@ -33,7 +23,7 @@ def _check_nats(state: State) -> str:
 
 
 async def _checks(state: State) -> dict[str, str]:
-    checks = {"nats": _check_nats(state), "database": await _check_database(state)}
+    checks = {"nats": _check_nats(state), "database": await database.ping(state.pool)}
     if state.shutting_down:
         checks["gateway"] = "down: shutting down"
     for task in state.background:
