@@ -47,6 +47,22 @@ def test_load_queue_settings_applies_overrides_of_its_own_queue() -> None:
     assert settings == expected
 
 
+@pytest.mark.parametrize(
+    "variable", ["TRINITY_QUEUE_NOPE_RETRIES", "TRINITY_QUEUE_ANALYSES_TIMEOUT_S"]
+)
+def test_load_queue_settings_refuses_an_override_naming_no_queue(variable: str) -> None:
+    with pytest.raises(
+        SettingsError, match=rf"^{variable} names no queue; the queues are analysis"
+    ):
+        load_queue_settings("analysis", {variable: "1"})
+
+
+def test_load_queue_settings_leaves_settings_that_merely_start_with_queue_alone() -> None:
+    settings = load_queue_settings("analysis", {"TRINITY_QUEUE_MAX_JOBS": "3"})
+
+    assert settings == QUEUES["analysis"]
+
+
 def test_load_queue_settings_returns_defaults_without_overrides() -> None:
     settings = load_queue_settings("email", {"TRINITY_QUEUE_ANALYSIS_RETRIES": "9"})
 

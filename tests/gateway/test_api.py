@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -86,18 +88,20 @@ async def test_queue_status_route_serves_the_same_document(
     ("body", "field", "words"),
     [
         ({"dataset_id": 42}, "dataset_id", "Expected `str`"),
-        ({}, "", "missing required field `dataset_id`"),
-        ({"dataset_id": "0" * 32, "colour": "red"}, "", "unknown field `colour`"),
+        ({}, "dataset_id", "required, and missing"),
+        ({"dataset_id": "0" * 32, "colour": "red"}, "colour", "no such field"),
+        ({"dataset_id": "0" * 32, "options": {"bins": 3}}, "options.bins", "no such field"),
+        ([], "body", "Expected `object`, got `array`"),
         (
             {"dataset_id": "0" * 32, "options": {"histogram_bins": 0}},
             "options.histogram_bins",
             ">= 1",
         ),
     ],
-    ids=["wrong-type", "missing", "unknown-field", "out-of-range"],
+    ids=["wrong-type", "missing", "unknown-field", "unknown-option", "out-of-range", "array"],
 )
 async def test_malformed_body_gets_400_naming_the_problem(
-    client: AsyncTestClient[Litestar], body: dict[str, Any], field: str, words: str
+    client: AsyncTestClient[Litestar], body: Any, field: str, words: str
 ) -> None:
     response = await client.post("/api/analysis", json=body)
 
@@ -105,8 +109,7 @@ async def test_malformed_body_gets_400_naming_the_problem(
     problem = response.json()
     assert problem["status"] == 400
     assert words in problem["detail"]
-    if field:
-        assert problem["problems"][0]["field"] == field
+    assert [p["field"] for p in problem["problems"]] == [field]
 
 
 @pytest.mark.parametrize(
@@ -147,7 +150,76 @@ async def test_missing_body_gets_400_saying_it_is_missing(
     response = await client.post("/api/analysis")
 
     assert response.status_code == 400
-    assert response.json()["problems"] == [{"field": "data", "message": "required, and missing"}]
+    assert response.json()["problems"] == [{"field": "body", "message": "required, and missing"}]
+
+
+async def test_truncated_json_gets_400_saying_it_is_malformed(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    response = await client.post(
+        "/api/analysis", content=b'{"dataset_id": "ab', headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 400
+    assert response.json()["detail"] == "JSON is malformed: the body ends before the JSON does"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "named"),
+    [
+        ("text/plain", "text/plain"),
+        ("application/x-www-form-urlencoded", "application/x-www-form-urlencoded"),
+        ("", "a body without a Content-Type"),
+    ],
+    ids=["text", "form", "none"],
+)
+async def test_json_route_refuses_another_media_type_with_415_naming_it(
+    client: AsyncTestClient[Litestar], content_type: str, named: str
+) -> None:
+    dataset = await upload(client)
+    body = f'{{"dataset_id": "{dataset["dataset_id"]}"}}'.encode()
+    headers = {"content-type": content_type} if content_type else {}
+
+    response = await client.post("/api/analysis", content=body, headers=headers)
+
+    assert response.status_code == 415
+    assert response.json()["detail"] == f"send the body as application/json, not {named}"
+
+
+async def test_json_body_over_its_limit_gets_413_stating_the_limit(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    body = b'{"dataset_id": "' + b"a" * 70_000 + b'"}'
+
+    response = await client.post(
+        "/api/analysis", content=body, headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 413
+    assert response.json()["detail"] == (
+        "the request body is larger than this route's limit of 65536 bytes"
+    )
+
+
+async def test_bad_job_id_on_cancel_names_only_the_id(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.delete("/api/jobs/nope")
+
+    assert response.status_code == 400
+    assert [p["field"] for p in response.json()["problems"]] == ["path.job_id"]
+
+
+async def test_openapi_describes_the_upload_form_and_the_optional_cancel_body(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    paths = (await client.get("/schema/openapi.json")).json()["paths"]
+
+    upload_body = paths["/api/upload"]["post"]["requestBody"]
+    form = upload_body["content"]["multipart/form-data"]["schema"]
+    assert upload_body["required"] is True
+    assert form["required"] == ["data"]
+    assert form["properties"]["data"]["format"] == "binary"
+    assert paths["/api/jobs/{job_id}"]["delete"]["requestBody"]["required"] is False
+    assert {"413", "415"} <= set(paths["/api/analysis"]["post"]["responses"])
 
 
 async def test_upload_name_keeps_only_printable_characters(
@@ -237,3 +309,17 @@ async def test_openapi_document_describes_every_route(client: AsyncTestClient[Li
         "/health",
     }
     assert "503" in document["paths"]["/api/analysis"]["post"]["responses"]
+
+
+async def test_readiness_fails_while_nats_is_frozen(
+    client: AsyncTestClient[Litestar], nats_server: NatsServer
+) -> None:
+    assert nats_server.pid is not None
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        response = await client.get("/health/ready")
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+
+    assert response.status_code == 503
+    assert response.json()["checks"] == {"nats": "down: TimeoutError", "database": "ok"}

@@ -586,6 +586,23 @@ async def test_job_with_a_fresh_heartbeat_shows_running(
     assert job["state"] == "running"
 
 
+async def test_jobs_filter_tells_stalled_jobs_from_running_ones(
+    client: TestClient, dataset_id: str, js: JetStreamContext
+) -> None:
+    stalled_id, running_id = [await submit_job(client, dataset_id) for _ in range(2)]
+    await publish(js, started(stalled_id, at=utc_now() - timedelta(minutes=10)))
+    await publish(js, started(running_id))
+    for job_id in (stalled_id, running_id):
+        await wait_for_job(
+            client, job_id, lambda job: job["heartbeat_at"] is not None, what="started"
+        )
+
+    stalled = ids_of(await get_page(client, "/api/jobs", state="stalled"))
+    running = ids_of(await get_page(client, "/api/jobs", state="running"))
+
+    assert (stalled, running) == ([stalled_id], [running_id])
+
+
 # The API's description
 
 

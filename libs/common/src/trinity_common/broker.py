@@ -45,6 +45,7 @@ __all__ = [
     "ensure_streams",
     "ensure_work_consumer",
     "open_object_store",
+    "ping",
     "pull_batches",
     "settle",
 ]
@@ -74,7 +75,12 @@ async def connect(settings: ConnectionSettings, *, name: str) -> Client:
 
 
 async def _connect(settings: ConnectionSettings, *, name: str) -> Client:
+    client: Client | None = None
+
     async def on_disconnect() -> None:
+        if client is not None and client.is_closed:
+            logger.info("nats connection closed")  # our own doing, at shutdown
+            return
         logger.warning("nats disconnected")
 
     async def on_reconnect() -> None:
@@ -83,7 +89,7 @@ async def _connect(settings: ConnectionSettings, *, name: str) -> Client:
     async def on_error(err: Exception) -> None:
         logger.debug("nats connection error", extra={"error_type": type(err).__name__})
 
-    return await nats.connect(
+    client = await nats.connect(
         servers=settings.nats_servers,
         name=name,
         connect_timeout=settings.nats_timeout_s,
@@ -96,6 +102,23 @@ async def _connect(settings: ConnectionSettings, *, name: str) -> Client:
         reconnected_cb=on_reconnect,
         error_cb=on_error,
     )
+    return client
+
+
+async def ping(nc: Client, *, timeout_s: float = 1.0) -> str:
+    """Answer ``"ok"`` if the server answers a round trip in time, else why not.
+
+    For readiness probes. A connection can look open to this process while the
+    server behind it has stopped answering; only a round trip tells.
+    """
+    if not nc.is_connected:
+        return "down: not connected"
+    try:
+        async with asyncio.timeout(timeout_s):
+            await nc.flush()
+    except (nats.errors.Error, TimeoutError) as err:
+        return f"down: {type(err).__name__}"
+    return "ok"
 
 
 async def close(nc: Client, *, timeout_s: float = 5.0) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import msgspec
 
 from trinity_common.names import dead_subject, job_subject, status_subject
-from trinity_common.settings import SettingsError
+from trinity_common.settings import ConnectionSettings, SettingsError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -116,6 +116,7 @@ def load_queue_settings(name: str, env: Mapping[str, str]) -> QueueSettings:
         KeyError: ``name`` is not a known queue.
         SettingsError: an override is malformed or unknown; the message names it.
     """
+    _refuse_unknown_queues(env)
     defaults = msgspec.structs.asdict(QUEUES[name])
     prefix = f"TRINITY_QUEUE_{name.upper()}_"
     overrides = {
@@ -130,3 +131,14 @@ def load_queue_settings(name: str, env: Mapping[str, str]) -> QueueSettings:
     except msgspec.ValidationError as err:
         field = str(err).rpartition("$.")[2].rstrip("`")
         raise SettingsError(f"invalid {prefix}{field.upper()}: {err}") from err
+
+
+def _refuse_unknown_queues(env: Mapping[str, str]) -> None:
+    # A misspelt queue name would otherwise leave the intended queue on its
+    # defaults without a word. Settings of their own that merely start with
+    # "queue_" (such as TRINITY_QUEUE_MAX_JOBS) are not overrides.
+    own = {f"TRINITY_{f.name.upper()}" for f in msgspec.structs.fields(ConnectionSettings)}
+    known = tuple(f"TRINITY_QUEUE_{queue.upper()}_" for queue in QUEUES)
+    for key in sorted(env):
+        if key.startswith("TRINITY_QUEUE_") and key not in own and not key.startswith(known):
+            raise SettingsError(f"{key} names no queue; the queues are {', '.join(QUEUES)}")

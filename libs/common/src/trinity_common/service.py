@@ -113,10 +113,10 @@ def _readiness_checks(
     worker: Worker, pool: asyncpg.Pool, *, stale_s: float
 ) -> dict[str, Callable[[], Awaitable[str]]]:
     async def nats_check() -> str:
-        if not worker.nc.is_connected:
-            return "down: not connected"
         silence = asyncio.get_running_loop().time() - worker.last_fetch_at
-        return "ok" if silence < stale_s else f"down: no fetch reached NATS for {silence:.0f} s"
+        if silence >= stale_s:
+            return f"down: no fetch reached NATS for {silence:.0f} s"
+        return await broker.ping(worker.nc)
 
     async def database_check() -> str:
         return await ping(pool)

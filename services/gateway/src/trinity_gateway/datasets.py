@@ -6,18 +6,28 @@ import hashlib
 import logging
 import mimetypes
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import nats.errors
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.exceptions import ClientException, NotFoundException
+from litestar.openapi.spec import (
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+)
 from litestar.params import PathParameter, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 from trinity_common import names
 from trinity_common.client import BrokerUnavailableError
 from trinity_common.commands import AnalysisOptions, RunAnalysis
+from trinity_gateway.bodies import UnsupportedMediaTypeError
 from trinity_gateway.problems import problem_spec
 from trinity_gateway.schemas import DatasetResponse, UploadResponse
 from trinity_gateway.submission import accept_job
@@ -88,7 +98,7 @@ async def _forget_bytes(state: State, dataset_id: str) -> None:
 async def _file_of(request: Request[Any, Any, Any]) -> UploadFile:
     media_type, _ = request.content_type
     if media_type != "multipart/form-data":
-        raise ClientException(
+        raise UnsupportedMediaTypeError(
             f"send the file as multipart/form-data in a field named {UPLOAD_FIELD!r},"
             f" not {media_type or 'an empty body'}"
         )
@@ -102,6 +112,24 @@ async def _file_of(request: Request[Any, Any, Any]) -> UploadFile:
     return upload
 
 
+@dataclass
+class _UploadOperation(Operation):
+    # The handler reads the form itself, to bound what it reads, so Litestar
+    # cannot see the body to describe it.
+    def __post_init__(self) -> None:
+        file = Schema(
+            type=OpenAPIType.STRING,
+            format=OpenAPIFormat.BINARY,
+            description="The dataset: CSV, TSV, JSON lines or Parquet.",
+        )
+        form = Schema(
+            type=OpenAPIType.OBJECT, properties={UPLOAD_FIELD: file}, required=[UPLOAD_FIELD]
+        )
+        self.request_body = RequestBody(
+            content={"multipart/form-data": OpenAPIMediaType(schema=form)}, required=True
+        )
+
+
 class DatasetController(Controller):
     """Datasets: upload a file, read its record."""
 
@@ -111,9 +139,11 @@ class DatasetController(Controller):
     @post(
         "/upload",
         status_code=HTTP_201_CREATED,
+        operation_class=_UploadOperation,
         responses={
-            400: problem_spec("the body is not a multipart form with a file in field `data`"),
+            400: problem_spec("the form has no file in field `data`"),
             413: problem_spec("the file is larger than the upload limit, stated in the body"),
+            415: problem_spec("the body is not a multipart form"),
             503: problem_spec("storage or the job queue is unavailable; retry later"),
         },
     )

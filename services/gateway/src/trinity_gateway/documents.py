@@ -19,10 +19,15 @@ if TYPE_CHECKING:
 
     from trinity_common.queues import QueueSettings
 
-__all__ = ["decode_cursor", "encode_cursor", "job_response", "load_job"]
+__all__ = ["decode_cursor", "encode_cursor", "job_response", "load_job", "stalled_after"]
 
 # A running job that missed this many heartbeats in a row is shown as stalled.
 STALLED_AFTER_BEATS = 3
+
+
+def stalled_after(queue: QueueSettings) -> timedelta:
+    """Return how long a running job of ``queue`` may go unheard before it shows stalled."""
+    return timedelta(seconds=STALLED_AFTER_BEATS * queue.heartbeat_s)
 
 
 def _effective_state(row: asyncpg.Record, queue: QueueSettings | None) -> str:
@@ -31,8 +36,7 @@ def _effective_state(row: asyncpg.Record, queue: QueueSettings | None) -> str:
     state: str = row["state"]
     if state != "running" or queue is None or row["heartbeat_at"] is None:
         return state
-    silence = utc_now() - row["heartbeat_at"]
-    if silence > timedelta(seconds=STALLED_AFTER_BEATS * queue.heartbeat_s):
+    if utc_now() - row["heartbeat_at"] > stalled_after(queue):
         return "stalled"
     return state
 

@@ -7,23 +7,24 @@ orchestrator stops sending traffic if not, and resumes once they do.
 
 from __future__ import annotations
 
+import asyncio
+
 from litestar import Controller, Response, get
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
-from trinity_common import database
+from trinity_common import broker, database
 from trinity_gateway.schemas import HealthResponse
 
 __all__ = ["HealthController"]
 
 
-def _check_nats(state: State) -> str:
-    return "ok" if state.nc.is_connected else "down: not connected"
-
-
 async def _checks(state: State) -> dict[str, str]:
-    checks = {"nats": _check_nats(state), "database": await database.ping(state.pool)}
+    nats_state, database_state = await asyncio.gather(
+        broker.ping(state.nc), database.ping(state.pool)
+    )
+    checks = {"nats": nats_state, "database": database_state}
     if state.shutting_down:
         checks["gateway"] = "down: shutting down"
     for task in state.background:

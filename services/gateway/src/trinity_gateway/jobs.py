@@ -24,16 +24,24 @@ from trinity_common import names
 from trinity_common.client import submit_job
 from trinity_common.commands import Command, RunAnalysis
 from trinity_common.messages import CancelRequest as CancelBroadcast
-from trinity_common.messages import JobCancelled, JobState, utc_now
+from trinity_common.messages import JobCancelled, utc_now
 from trinity_common.queues import QueueName
 from trinity_common.status import publish_status
-from trinity_gateway.documents import decode_cursor, encode_cursor, job_response, load_job
+from trinity_gateway.bodies import MAX_JSON_BODY_BYTES, OptionalBodyOperation, json_only
+from trinity_gateway.documents import (
+    decode_cursor,
+    encode_cursor,
+    job_response,
+    load_job,
+    stalled_after,
+)
 from trinity_gateway.problems import problem_spec
 from trinity_gateway.schemas import (
     AcceptedResponse,
     CancelRequest,
     JobPage,
     JobResponse,
+    JobStatus,
     RunAnalysisRequest,
 )
 from trinity_gateway.submission import (
@@ -71,6 +79,8 @@ Cursor = Annotated[
 QueueFilter = Annotated[QueueName | None, QueryParameter(description="Only jobs of this queue.")]
 
 _NOT_FOUND = problem_spec("no job with that id")
+_JSON_TOO_LARGE = problem_spec(f"the body is larger than {MAX_JSON_BODY_BYTES} bytes")
+_NOT_JSON = problem_spec("the body is not application/json")
 _TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -145,8 +155,12 @@ class JobController(Controller):
     @post(
         "/analysis",
         status_code=HTTP_202_ACCEPTED,
+        before_request=json_only,
+        request_max_body_size=MAX_JSON_BODY_BYTES,
         responses={
             400: problem_spec("the body is malformed; every bad field is listed"),
+            413: _JSON_TOO_LARGE,
+            415: _NOT_JSON,
             422: problem_spec("unknown dataset, or an Idempotency-Key reused with another body"),
             503: problem_spec("NATS is unreachable or the queue is full; retry later"),
         },
@@ -173,22 +187,32 @@ class JobController(Controller):
         state: State,
         queue: QueueFilter = None,
         job_state: Annotated[
-            JobState | None, QueryParameter(name="state", description="Only jobs in this state.")
+            JobStatus | None,
+            QueryParameter(name="state", description="Only jobs shown in this state."),
         ] = None,
         limit: Limit = 50,
         cursor: Cursor = None,
     ) -> JobPage:
         """List jobs, newest first, a page at a time."""
         at, after = _position(cursor)
+        # "stalled" is not stored: it is a running job whose heartbeats stopped,
+        # judged by its queue's heartbeat interval as the job document judges it.
+        stored_state = "running" if job_state == "stalled" else job_state
+        stalled = None if job_state not in ("running", "stalled") else job_state == "stalled"
+        stall_after_s = {name: stalled_after(q).total_seconds() for name, q in state.queues.items()}
         rows = await state.pool.fetch(
             "SELECT * FROM jobs WHERE ($1::text IS NULL OR queue = $1)"
             " AND ($2::text IS NULL OR state = $2)"
-            " AND ($3::timestamptz IS NULL OR (created_at, job_id) < ($3, $4))"
-            " ORDER BY created_at DESC, job_id DESC LIMIT $5",
+            " AND ($3::boolean IS NULL OR $3 = coalesce(heartbeat_at < now()"
+            "      - make_interval(secs => ($6::jsonb ->> queue)::float8), false))"
+            " AND ($4::timestamptz IS NULL OR (created_at, job_id) < ($4, $5))"
+            " ORDER BY created_at DESC, job_id DESC LIMIT $7",
             queue,
-            job_state,
+            stored_state,
+            stalled,
             at,
             after,
+            stall_after_s,
             limit + 1,
         )
         return await _page(state.pool, state, rows, limit, "created_at")
@@ -210,7 +234,15 @@ class JobController(Controller):
     @delete(
         "/jobs/{job_id:str}",
         status_code=HTTP_200_OK,
-        responses={404: _NOT_FOUND, 409: problem_spec("the job already finished")},
+        before_request=json_only,
+        request_max_body_size=MAX_JSON_BODY_BYTES,
+        operation_class=OptionalBodyOperation,
+        responses={
+            404: _NOT_FOUND,
+            409: problem_spec("the job already finished"),
+            413: _JSON_TOO_LARGE,
+            415: _NOT_JSON,
+        },
     )
     async def cancel_job(
         self, state: State, job_id: JobId, data: JSONBody[CancelRequest | None] = None

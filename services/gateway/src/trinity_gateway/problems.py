@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -72,33 +73,58 @@ def problem_spec(description: str) -> ResponseSpec:
 _CLIENT_NAMES = {"job_state": "state", "idempotency_key": "Idempotency-Key"}
 
 
-def _field_of(item: dict[str, Any]) -> str:
+# msgspec names a missing or unknown field in its message, against the object
+# that holds it; the problem names the field itself.
+_OBJECT_FIELD = re.compile(r"^Object (missing required|contains unknown) field `([^`]+)`$")
+_OBJECT_FIELD_MESSAGES = {
+    "missing required": "required, and missing",
+    "contains unknown": "no such field",
+}
+# Litestar's name for the request body as a whole.
+_BODY = "data"
+
+
+def _problem_of(item: dict[str, Any]) -> Problem:
     key = str(item.get("key") or "")
-    key = _CLIENT_NAMES.get(key, key)
+    message = str(item.get("message", ""))
     source = item.get("source") or "body"
     source = str(getattr(source, "value", source)).lower()
-    return key.removeprefix("$.") if source == "body" else f"{source}.{key}"
+    if source != "body":
+        return Problem(field=f"{source}.{_CLIENT_NAMES.get(key, key)}", message=_bare(key, message))
+    path = key.removeprefix("$.")
+    if message == f"'{key}'" and key == _BODY:
+        return Problem(field="body", message="required, and missing")
+    if found := _OBJECT_FIELD.match(message):
+        holder = "" if path in (_BODY, "$") else f"{path}."
+        return Problem(field=f"{holder}{found[2]}", message=_OBJECT_FIELD_MESSAGES[found[1]])
+    if path == _BODY and message.startswith("Expected"):
+        return Problem(field="body", message=message)
+    return Problem(field=path, message=_bare(key, message))
 
 
-def _message_of(item: dict[str, Any]) -> str:
-    message = str(item.get("message", ""))
-    # Litestar reports a missing body or parameter as the bare repr of its name.
-    if message == f"'{item.get('key')}'":
-        return "required, and missing"
-    return message
+def _bare(key: str, message: str) -> str:
+    # Litestar reports a missing parameter as the bare repr of its name.
+    return "required, and missing" if message == f"'{key}'" else message
 
 
-def _problems_of(exc: HTTPException) -> list[Problem]:
+def _problems_of(
+    exc: HTTPException, request: Request[Any, Any, Any] | None = None
+) -> list[Problem]:
     extra = exc.extra if isinstance(exc.extra, list) else []
-    return [
-        Problem(field=_field_of(item), message=_message_of(item))
-        for item in extra
-        if isinstance(item, dict)
-    ]
+    items = [item for item in extra if isinstance(item, dict)]
+    if request is not None and _body_is_optional(request):
+        # Litestar lists an optional body left out beside any other problem.
+        items = [i for i in items if not (i.get("key") == _BODY and i.get("message") == "'data'")]
+    return [_problem_of(item) for item in items]
 
 
-def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
-    problems = _problems_of(exc)
+def _body_is_optional(request: Request[Any, Any, Any]) -> bool:
+    body = request.route_handler.parsed_fn_signature.parameters.get(_BODY)
+    return body is not None and body.has_default
+
+
+def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    problems = _problems_of(exc, request)
     return problem(exc.status_code, _validation_detail(exc, problems), problems)
 
 
@@ -108,19 +134,33 @@ def _validation_detail(exc: ValidationException, problems: list[Problem]) -> str
         first = problems[0]
         where = f" in {first.field}" if first.field else ""
         return f"invalid request{where}: {first.message}"
-    return str(exc.detail)
+    return _plain(str(exc.detail))
 
 
 def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    return problem(exc.status_code, str(exc.detail), _problems_of(exc), headers=exc.headers)
+    return problem(exc.status_code, _plain(str(exc.detail)), _problems_of(exc), headers=exc.headers)
+
+
+# What msgspec says of JSON it cannot decode, where it does not say it is JSON.
+_TERSE_DECODE_ERRORS = {"Input data was truncated": "the body ends before the JSON does"}
+
+
+def _plain(detail: str) -> str:
+    if detail in _TERSE_DECODE_ERRORS:
+        return f"JSON is malformed: {_TERSE_DECODE_ERRORS[detail]}"
+    return detail
 
 
 def _on_too_large(request: Request[Any, Any, Any], exc: RequestEntityTooLarge) -> Response[Any]:
     # Litestar refuses an oversized body before any handler runs; say the limit.
-    limit = request.app.state.settings.gateway_max_upload_bytes
     detail = str(exc.detail)
     if detail == "Request Entity Too Large":
-        detail = f"the request body is larger than the upload limit of {limit} bytes"
+        route_limit = request.route_handler.request_max_body_size
+        if isinstance(route_limit, int):
+            detail = f"the request body is larger than this route's limit of {route_limit} bytes"
+        else:
+            limit = request.app.state.settings.gateway_max_upload_bytes
+            detail = f"the request body is larger than the upload limit of {limit} bytes"
     return problem(exc.status_code, detail)
 
 
