@@ -323,3 +323,14 @@ async def test_readiness_fails_while_nats_is_frozen(
 
     assert response.status_code == 503
     assert response.json()["checks"] == {"nats": "down: TimeoutError", "database": "ok"}
+
+
+async def test_upload_with_two_files_in_the_field_gets_400_saying_so(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    response = await client.post(
+        "/api/upload", files=[("data", ("a.csv", CSV)), ("data", ("b.csv", CSV))]
+    )
+
+    assert response.status_code == 400
+    assert response.json()["problems"] == [{"field": "data", "message": "more than one file"}]

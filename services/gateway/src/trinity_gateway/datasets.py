@@ -103,6 +103,11 @@ async def _file_of(request: Request[Any, Any, Any]) -> UploadFile:
             f" not {media_type or 'an empty body'}"
         )
     form = await request.form()
+    if len(form.getall(UPLOAD_FIELD, [])) > 1:
+        raise ClientException(
+            f"the form has more than one file in field {UPLOAD_FIELD!r}; send one per upload",
+            extra=[{"key": UPLOAD_FIELD, "message": "more than one file", "source": "body"}],
+        )
     upload = form.get(UPLOAD_FIELD)
     if not isinstance(upload, UploadFile):
         raise ClientException(
