@@ -15,8 +15,8 @@ setup:  ## Install uv if missing, then the locked environment
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) sync --locked
 
-demo: setup  ## Profile a real dataset end to end (DATASET=file.csv for another, KEEP=1 to explore)
-	$(RUN) python scripts/demo.py $(if $(DATASET),--dataset "$(DATASET)") $(if $(KEEP),--keep)
+demo: setup  ## Profile a real dataset end to end (DATASET=file.csv for another, OPTIONS='<JSON>' for analysis options, KEEP=1 to explore)
+	$(RUN) python scripts/demo.py $(if $(DATASET),--dataset "$(DATASET)") $(if $(OPTIONS),--options '$(OPTIONS)') $(if $(KEEP),--keep)
 
 test: lint  ## Lint, type-check, then run the whole suite against real servers
 	$(RUN) pytest

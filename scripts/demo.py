@@ -2,7 +2,8 @@
 
 Starts NATS, PostgreSQL (or uses one that answers), the gateway and the analysis
 service as separate processes; uploads a dataset (Palmer penguins unless
-``--dataset`` names another file); follows the job live to its end; prints the
+``--dataset`` names another file); queues its analysis, with the analysis options
+``--options`` gives as a JSON object; follows the job live to its end; prints the
 profile; then stops everything it started.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -19,23 +21,53 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import palmerpenguins
 
+from trinity_common.commands import AnalysisOptions
 from trinity_common.devstack import dev_stack, free_port
 from trinity_common.devstack.services import ServiceProcess
 
 PENGUINS = Path(palmerpenguins.__file__).parent / "data" / "penguins.csv"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+OPTIONS_HINT = (
+    """set analysis options with make demo OPTIONS='{"encoding": "cp1252"}' (or --options)"""
+)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=PENGUINS, help="file to profile")
+    parser.add_argument(
+        "--options",
+        type=analysis_options,
+        default={},
+        help='analysis options as a JSON object, such as \'{"encoding": "cp1252"}\'',
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the job")
     parser.add_argument(
         "--keep", action="store_true", help="keep everything running until Ctrl-C, to explore"
     )
     return parser.parse_args()
+
+
+def analysis_options(text: str) -> dict[str, Any]:
+    """Return ``text`` as a JSON object of analysis options, checked as the gateway checks it.
+
+    Checked here so a typo stops the demo at once, before any server starts.
+    """
+    try:
+        options = msgspec.json.decode(text, type=dict[str, Any])
+    except msgspec.DecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a JSON object ({err}); write one such as "
+            """'{"encoding": "cp1252"}', in single quotes for the shell"""
+        ) from err
+    try:
+        msgspec.convert(options, AnalysisOptions)
+    except msgspec.ValidationError as err:
+        raise argparse.ArgumentTypeError(f"{err} (README.md lists the options)") from err
+    return options
 
 
 def draw_progress(job: dict[str, Any]) -> None:
@@ -134,7 +166,9 @@ async def run(args: argparse.Namespace) -> int:
         try:
             async with httpx.AsyncClient(base_url=base, timeout=30.0) as client:
                 await gateway.wait_ready(port)
-                status = await profile_file(client, base, dataset, args.timeout, keep=args.keep)
+                status = await profile_file(
+                    client, base, dataset, args.timeout, options=args.options, keep=args.keep
+                )
                 if args.keep:
                     print("\nrunning until Ctrl-C ...")
                     await wait_for_interrupt()
@@ -154,22 +188,31 @@ async def wait_for_interrupt() -> None:
 
 
 async def profile_file(
-    client: httpx.AsyncClient, base: str, dataset: Path, timeout_s: float, *, keep: bool
+    client: httpx.AsyncClient,
+    base: str,
+    dataset: Path,
+    timeout_s: float,
+    *,
+    options: dict[str, Any],
+    keep: bool,
 ) -> int:
-    content = await asyncio.to_thread(dataset.read_bytes)
-    print(f"uploading {dataset.name} ({len(content):,} bytes) to {base}")
-    response = await client.post(
-        "/api/upload", params={"analyze": "true"}, files={"data": (dataset.name, content)}
-    )
-    if response.status_code != 201:
-        print(f"upload refused: {response.status_code} {response.text}", file=sys.stderr)
+    upload = await upload_file(client, base, dataset)
+    if upload is None:
         return 1
-    upload = response.json()
-    job_url = upload["job"]["status_url"]
-    print(f"dataset {upload['dataset_id']} stored; job {upload['job']['job_id']} queued")
+    response = await client.post(
+        "/api/analysis", json={"dataset_id": upload["dataset_id"], "options": options}
+    )
+    if response.status_code != 202:
+        print(f"analysis refused: {response.status_code} {response.text}", file=sys.stderr)
+        return 1
+    job_url = response.json()["status_url"]
+    with_options = f" with options {json.dumps(options)}" if options else ""
+    print(f"job {response.json()['job_id']} queued{with_options}")
     job = await follow(client, job_url, timeout_s)
     if job["state"] != "succeeded":
         print(f"job {job['state']}: {job['error']}", file=sys.stderr)
+        if "options." in str(job["error"]):
+            print(OPTIONS_HINT, file=sys.stderr)
         return 1
     profile = (await client.get(job["result"]["url"])).json()["profile"]
     print_profile(profile)
@@ -177,6 +220,18 @@ async def profile_file(
     for path in (job_url, job["result"]["url"], upload["dataset"]["url"], "/schema"):
         print(f"  {base}{path}")
     return 0
+
+
+async def upload_file(client: httpx.AsyncClient, base: str, dataset: Path) -> dict[str, Any] | None:
+    content = await asyncio.to_thread(dataset.read_bytes)
+    print(f"uploading {dataset.name} ({len(content):,} bytes) to {base}")
+    response = await client.post("/api/upload", files={"data": (dataset.name, content)})
+    if response.status_code != 201:
+        print(f"upload refused: {response.status_code} {response.text}", file=sys.stderr)
+        return None
+    upload: dict[str, Any] = response.json()
+    print(f"dataset {upload['dataset_id']} stored")
+    return upload
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ import pytest
 
 from trinity_analysis.options import AnalysisOptions
 from trinity_analysis.profile import profile_dataset
+from trinity_analysis.reading import decode_text
+from trinity_analysis.settings import DEFAULT_MAX_COLUMNS
 from trinity_common.errors import PermanentJobError
 
 # Excel's "CSV (semicolon)" in a German locale: decimal comma, point thousands, CRLF.
@@ -155,6 +157,58 @@ class TestEncodings:
         with pytest.raises(ValueError, match="'klingon' is not a text encoding"):
             AnalysisOptions(encoding="klingon")
 
+    @pytest.mark.parametrize(
+        ("encoding", "reason"),
+        [
+            ("idna", "decoding with 'idna' codec failed (UnicodeError: Unsupported error handling"),
+            ("undefined", "decoding with 'undefined' codec failed (UnicodeError: undefined"),
+            ("punycode", "decoding with 'punycode' codec failed (UnicodeError: Invalid extended"),
+        ],
+        ids=["idna", "undefined", "punycode"],
+    )
+    def test_codec_that_cannot_decode_a_file_is_refused_in_the_options(
+        self, encoding: str, reason: str
+    ) -> None:
+        """Python knows these names, so looking them up is not enough."""
+        with pytest.raises(ValueError, match="cannot decode a file") as caught:
+            AnalysisOptions(encoding=encoding)
+
+        assert str(caught.value).startswith(
+            f"options.encoding '{encoding}' cannot decode a file ({reason}"
+        )
+
+    @pytest.mark.parametrize("encoding", ["utf-32", "utf-16", "utf-7", "cp037", "iso2022_jp"])
+    def test_unusual_text_encodings_are_accepted_in_the_options(self, encoding: str) -> None:
+        assert AnalysisOptions(encoding=encoding).encoding == encoding
+
+    @pytest.mark.parametrize(
+        ("encoding", "data"),
+        [
+            ("undefined", b"a,b\n1,2\n"),
+            ("punycode", b"a,b\n1,2\n"),
+            ("idna", "a,b\nJosé,2\n".encode("cp1252")),
+            ("rot13", b"a,b\n1,2\n"),
+        ],
+        ids=["undefined", "punycode", "idna-non-ascii", "bytes-codec"],
+    )
+    def test_codec_that_cannot_decode_fails_the_job_permanently(
+        self, encoding: str, data: bytes
+    ) -> None:
+        """The options refuse these names, but a gateway on another Python might not.
+
+        A plain UnicodeError escaping would count as retryable and loop to a dead letter.
+        """
+        with pytest.raises(PermanentJobError) as caught:
+            decode_text(data, encoding=encoding)
+
+        assert caught.value.error_type == "encoding"
+        assert caught.value.message.startswith(
+            f"options.encoding '{encoding}' cannot decode a file ("
+        )
+        assert caught.value.message.endswith(
+            "; set it to a text encoding such as 'utf-8', 'cp1252' or 'latin-1'"
+        )
+
 
 class TestUnreadableText:
     def test_zero_bytes_fail_as_empty_file(self) -> None:
@@ -255,3 +309,75 @@ class TestOtherFormats:
         error = failure_of(b'[{"a": 1}]', filename="rows.json")
 
         assert error.error_type == "unsupported_format"
+
+
+def numbers_csv(columns: int, rows: int = 2) -> bytes:
+    header = ",".join(f"c{i}" for i in range(columns))
+    body = "".join(",".join(str(row + i) for i in range(columns)) + "\n" for row in range(rows))
+    return f"{header}\n{body}".encode()
+
+
+def too_wide(data: bytes, *, filename: str = "wide.csv", max_columns: int) -> PermanentJobError:
+    options = AnalysisOptions()
+    with pytest.raises(PermanentJobError) as caught:
+        profile_dataset(
+            data, filename=filename, content_type=None, options=options, max_columns=max_columns
+        )
+    return caught.value
+
+
+class TestWideFiles:
+    def test_csv_wider_than_the_limit_fails_naming_width_and_limit(self) -> None:
+        error = too_wide(numbers_csv(6), max_columns=5)
+
+        assert error.error_type == "too_wide"
+        assert error.message == (
+            "the file has 6 columns, more than the 5 this service profiles; upload only the "
+            "columns you need, or split the file into narrower ones (the limit is the "
+            "analysis service's TRINITY_ANALYSIS_MAX_COLUMNS setting)"
+        )
+
+    def test_csv_as_wide_as_the_limit_is_profiled(self) -> None:
+        options = AnalysisOptions()
+
+        result = profile_dataset(
+            numbers_csv(5), filename="wide.csv", content_type=None, options=options, max_columns=5
+        )
+
+        assert result["column_count"] == 5
+
+    def test_csv_width_is_checked_on_the_header_before_parsing(self) -> None:
+        """A ragged body would fail the parse; the width check comes first, so it never runs."""
+        data = numbers_csv(6) + b"1,2,3,4,5,6,7,8\n"
+
+        error = too_wide(data, max_columns=5)
+
+        assert error.error_type == "too_wide"
+
+    def test_parquet_wider_than_the_limit_fails_on_its_schema(self) -> None:
+        buffer = io.BytesIO()
+        pl.DataFrame({f"c{i}": [i] for i in range(6)}).write_parquet(buffer)
+
+        error = too_wide(buffer.getvalue(), filename="wide.parquet", max_columns=5)
+
+        assert error.error_type == "too_wide"
+        assert error.message.startswith("the file has 6 columns, more than the 5 ")
+
+    def test_json_lines_wider_than_the_limit_fail_after_parsing(self) -> None:
+        """Keys may differ from line to line, so only the parsed table tells the width."""
+        data = b'{"a": 1, "b": 2, "c": 3}\n{"d": 4, "e": 5, "f": 6}\n'
+
+        error = too_wide(data, filename="wide.jsonl", max_columns=5)
+
+        assert error.message.startswith("the file has 6 columns, more than the 5 ")
+
+    def test_default_limit_refuses_one_column_more(self) -> None:
+        data = numbers_csv(DEFAULT_MAX_COLUMNS + 1, rows=1)
+
+        with pytest.raises(PermanentJobError) as caught:
+            profile_dataset(data, filename="wide.csv", content_type=None, options=AnalysisOptions())
+
+        assert caught.value.error_type == "too_wide"
+        assert caught.value.message.startswith(
+            "the file has 10,001 columns, more than the 10,000 this service profiles;"
+        )

@@ -133,6 +133,7 @@ async def test_option_that_could_never_work_gets_400_at_submission(
 
     assert response.status_code == 400
     assert words in response.json()["detail"]
+    assert [p["field"] for p in response.json()["problems"]] == [f"options.{next(iter(options))}"]
 
 
 async def test_deeply_nested_body_gets_400_not_500(client: AsyncTestClient[Litestar]) -> None:

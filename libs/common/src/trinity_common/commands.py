@@ -8,13 +8,20 @@ gateway decodes client input into it and answers 4xx naming any bad field.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
 __all__ = ["AnalysisOptions", "Command", "RunAnalysis"]
 
 DatasetId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$", description="A dataset id.")]
+
+# Bytes decoded as the analysis service decodes a file: strictly, then with "replace"
+# to find the line of a bad byte, so with high bytes that make "replace" do something.
+_ENCODING_PROBES: Final = (
+    (b"name,value\r\nx,1.5\n", "strict"),
+    (b"name,value\r\nx,\x80\xe9\xff\n", "replace"),
+)
 
 
 class AnalysisOptions(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -49,13 +56,33 @@ class AnalysisOptions(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
 
     def __post_init__(self) -> None:
         if self.encoding is not None:
-            try:
-                "x".encode(self.encoding)
-            except UnicodeError:
-                pass  # a real text encoding, one that cannot spell "x"
-            except LookupError as err:
-                # Unknown names, and codecs that are not text encodings (rot13, base64).
-                raise ValueError(f"{self.encoding!r} is not a text encoding Python knows") from err
+            _check_encoding(self.encoding)
+
+
+def _check_encoding(name: str) -> None:
+    """Raise ValueError unless the codec ``name`` can decode a file's bytes into text.
+
+    A name that passes is one the analysis service can use: any failure left is
+    a fault of the data, which it reports by byte offset and line.
+    """
+    for probe, errors in _ENCODING_PROBES:
+        try:
+            probe.decode(name, errors)
+        except UnicodeDecodeError:
+            pass  # a real encoding these bytes are not valid in (utf-32, say)
+        except LookupError as err:
+            # Unknown names, and bytes-to-bytes codecs (rot13, base64): bytes.decode
+            # refuses a codec that is not marked as a text encoding.
+            raise ValueError(
+                f"options.encoding {name!r} is not a text encoding Python knows"
+            ) from err
+        except UnicodeError as err:
+            # Text codecs that cannot read a file: "undefined" refuses everything;
+            # "idna" and "punycode" read host names, refusing "replace" or commas.
+            raise ValueError(
+                f"options.encoding {name!r} cannot decode a file ({err}); use a text "
+                "encoding such as 'utf-8', 'cp1252' or 'latin-1'"
+            ) from err
 
 
 class RunAnalysis(msgspec.Struct, kw_only=True, frozen=True, tag="run_analysis"):

@@ -17,6 +17,7 @@ from trinity_common.worker import JobContext, JobResult
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from trinity_analysis.settings import AnalysisSettings
     from trinity_common.queues import QueueSettings
     from trinity_common.worker import Handler
 
@@ -24,16 +25,20 @@ __all__ = ["provide_handler"]
 
 
 @contextlib.asynccontextmanager
-async def provide_handler(queue: QueueSettings) -> AsyncIterator[Handler]:
+async def provide_handler(
+    queue: QueueSettings, *, settings: AnalysisSettings
+) -> AsyncIterator[Handler]:
     """Yield the analysis handler, with one profiling process per concurrent job."""
     offloader = ProcessOffloader(workers=queue.concurrency)
     try:
-        yield lambda context: run_analysis(context, offloader)
+        yield lambda context: run_analysis(context, offloader, settings=settings)
     finally:
         offloader.close()
 
 
-async def run_analysis(context: JobContext, offloader: ProcessOffloader) -> JobResult:
+async def run_analysis(
+    context: JobContext, offloader: ProcessOffloader, *, settings: AnalysisSettings
+) -> JobResult:
     """Profile the dataset the job names and return the profile."""
     command = context.command
     if not isinstance(command, RunAnalysis):
@@ -57,6 +62,7 @@ async def run_analysis(context: JobContext, offloader: ProcessOffloader) -> JobR
         filename=dataset["name"],
         content_type=dataset["content_type"],
         options=command.options,
+        max_columns=settings.analysis_max_columns,
         progress=context.report_progress,
     )
     summary = {

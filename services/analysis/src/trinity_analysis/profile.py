@@ -41,6 +41,7 @@ import numpy as np
 import polars as pl
 
 from trinity_analysis.reading import decode_dataset, parse_source
+from trinity_analysis.settings import DEFAULT_MAX_COLUMNS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -76,6 +77,7 @@ def profile_dataset(
     filename: str,
     content_type: str | None,
     options: AnalysisOptions,
+    max_columns: int = DEFAULT_MAX_COLUMNS,
     progress: Callable[[float, str], None] | None = None,
 ) -> dict[str, Any]:
     """Read an uploaded dataset and return its profile, as described above.
@@ -85,18 +87,21 @@ def profile_dataset(
         filename: Its name; the extension helps detect the format.
         content_type: Its media type, if the client gave one.
         options: How to read and profile it.
+        max_columns: Most columns the file may have; a wider file fails before
+            it is profiled.
         progress: Called with (percent, message) at each stage, a few dozen times
             at most, so it may cross a process boundary.
 
     Raises:
         PermanentJobError: the data cannot be read; ``error_type`` is ``encoding``,
-            ``empty_file``, ``no_rows``, ``no_header``, ``malformed`` or
-            ``unsupported_format``, and the message says what to change.
+            ``empty_file``, ``no_rows``, ``no_header``, ``malformed``,
+            ``unsupported_format`` or ``too_wide``, and the message says what to
+            change.
     """
     report = progress or _ignore_progress
     source = decode_dataset(data, filename=filename, content_type=content_type, options=options)
     report(_DECODED, "dataset decoded")
-    table = parse_source(source, options=options)
+    table = parse_source(source, options=options, max_columns=max_columns)
     report(_PARSED, f"parsed {table.frame.height} rows and {table.frame.width} columns")
 
     columns = profile_columns(table.frame, options=options, progress=report)

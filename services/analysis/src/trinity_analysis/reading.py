@@ -27,9 +27,12 @@ import polars as pl
 import polars.selectors as cs
 
 from trinity_analysis.dialect import NULL_TOKENS, TSV, Dialect, sniff_dialect
+from trinity_analysis.settings import DEFAULT_MAX_COLUMNS
 from trinity_common.errors import PermanentJobError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from trinity_analysis.options import AnalysisOptions
 
 __all__ = [
@@ -143,18 +146,22 @@ def decode_text(data: bytes, *, encoding: str | None) -> tuple[str, str]:
     else must be UTF-8. We never guess a legacy code page: a wrong guess gives wrong
     text silently, where an error names the option that fixes it.
     """
-    codec = encoding or _encoding_from_bom(data)
+    name = encoding or _encoding_from_bom(data)
     try:
-        codec = codecs.lookup(codec).name
-        text = data.decode(codec)
+        codec = codecs.lookup(name).name
     except LookupError as err:
-        raise PermanentJobError(
-            f"options.encoding {encoding!r} is not a text encoding; use a name such as "
-            "'utf-8', 'cp1252' or 'latin-1'",
-            error_type="encoding",
-        ) from err
+        raise _unusable_encoding(name, err) from err
+    try:
+        text = data.decode(codec)
+    except LookupError as err:  # a bytes-to-bytes codec, such as rot13
+        raise _unusable_encoding(name, err) from err
     except UnicodeDecodeError as err:
         raise _undecodable(data, codec, err) from err
+    except UnicodeError as err:
+        # Not a fault of the data: the codec cannot read files ("undefined", "idna").
+        # AnalysisOptions refuses such names, but a command may come from a gateway
+        # whose Python knows other codecs; retrying would fail the same way.
+        raise _unusable_encoding(name, err) from err
     if "\x00" in text:
         # Valid UTF-8, but text files hold no NUL: this is UTF-16 without a mark.
         raise PermanentJobError(
@@ -166,22 +173,30 @@ def decode_text(data: bytes, *, encoding: str | None) -> tuple[str, str]:
     return text.removeprefix("\ufeff"), codec
 
 
-def parse_source(source: Source, *, options: AnalysisOptions) -> Table:
+def parse_source(
+    source: Source, *, options: AnalysisOptions, max_columns: int = DEFAULT_MAX_COLUMNS
+) -> Table:
     """Parse a decoded upload into a table; every missing value comes out null.
 
-    Empty text and float NaN count as missing, so they are made null here.
+    Empty text and float NaN count as missing, so they are made null here. A file
+    with more than ``max_columns`` columns is refused before it is parsed when its
+    header row or Parquet schema shows it, and otherwise (JSON lines) just after.
 
     Raises:
-        PermanentJobError: the content cannot be parsed, or holds no rows.
+        PermanentJobError: the content cannot be parsed, holds no rows, or has
+            more than ``max_columns`` columns.
     """
     dialect = None
     if isinstance(source.content, bytes):
+        _require_width(_parquet_width(source.content), max_columns)
         frame = _read_parquet(source.content)
     elif source.format == JSONL:
         frame = _read_json_lines(source.content)
     else:
         text, dialect = sniff_dialect(source.content, fmt=source.format, options=options)
+        _require_width(_first_row_width(text, dialect.delimiter), max_columns)
         frame = _read_delimited(text, dialect)
+    _require_width(frame.width, max_columns)
 
     frame = frame.with_columns(cs.string().replace("", None), cs.float().fill_nan(None))
     if dialect is not None and dialect.decimal_comma:
@@ -197,8 +212,19 @@ def _encoding_from_bom(data: bytes) -> str:
     return "utf-8"
 
 
+def _unusable_encoding(name: str, err: Exception) -> PermanentJobError:
+    return PermanentJobError(
+        f"options.encoding {name!r} cannot decode a file ({err}); set it to a text "
+        "encoding such as 'utf-8', 'cp1252' or 'latin-1'",
+        error_type="encoding",
+    )
+
+
 def _undecodable(data: bytes, codec: str, err: UnicodeDecodeError) -> PermanentJobError:
-    line = data[: err.start].decode(codec, errors="replace").count("\n") + 1
+    try:
+        line = data[: err.start].decode(codec, errors="replace").count("\n") + 1
+    except UnicodeError as replace_err:
+        return _unusable_encoding(codec, replace_err)  # "idna" refuses "replace"
     return PermanentJobError(
         f"the file is not valid {codec}: byte 0x{data[err.start]:02X} at byte offset "
         f"{err.start} (line {line}) cannot be decoded ({err.reason}); set "
@@ -322,11 +348,49 @@ def _read_parquet(data: bytes) -> pl.DataFrame:
     try:
         return pl.read_parquet(io.BytesIO(data))
     except pl.exceptions.PolarsError as err:
+        raise _unreadable_parquet(err) from err
+
+
+def _parquet_width(data: bytes) -> int:
+    try:
+        return len(pl.read_parquet_schema(io.BytesIO(data)))
+    except pl.exceptions.PolarsError as err:
+        raise _unreadable_parquet(err) from err
+
+
+def _unreadable_parquet(err: Exception) -> PermanentJobError:
+    return PermanentJobError(
+        f"the file is not a readable Parquet file: {str(err).splitlines()[0]}; "
+        "upload it again as written by its tool, not truncated or edited",
+        error_type="malformed",
+    )
+
+
+def _first_row_width(text: str, delimiter: str) -> int:
+    """Return the number of fields in the first row, reading no further than it."""
+    try:
+        return len(next(csv.reader(_lines(text), delimiter=delimiter), []))
+    except csv.Error:
+        return 0  # the parse that follows reports the fault, with its line
+
+
+def _lines(text: str) -> Iterator[str]:
+    """Yield the lines of ``text`` one at a time, without copying all of it first."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start) + 1 or len(text)
+        yield text[start:end]
+        start = end
+
+
+def _require_width(width: int, max_columns: int) -> None:
+    if width > max_columns:
         raise PermanentJobError(
-            f"the file is not a readable Parquet file: {str(err).splitlines()[0]}; "
-            "upload it again as written by its tool, not truncated or edited",
-            error_type="malformed",
-        ) from err
+            f"the file has {width:,} columns, more than the {max_columns:,} this service "
+            "profiles; upload only the columns you need, or split the file into narrower "
+            "ones (the limit is the analysis service's TRINITY_ANALYSIS_MAX_COLUMNS setting)",
+            error_type="too_wide",
+        )
 
 
 def _require_rows(frame: pl.DataFrame) -> None:

@@ -99,6 +99,10 @@ def _problem_of(item: dict[str, Any]) -> Problem:
         return Problem(field=f"{holder}{found[2]}", message=_OBJECT_FIELD_MESSAGES[found[1]])
     if path == _BODY and message.startswith("Expected"):
         return Problem(field="body", message=message)
+    if found := re.match(rf"{re.escape(path)}\.(\w+) ", message):
+        # A check across a struct's fields (its __post_init__) is reported
+        # against the struct; its message starts with the field it is about.
+        return Problem(field=f"{path}.{found[1]}", message=message)
     return Problem(field=path, message=_bare(key, message))
 
 
