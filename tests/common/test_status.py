@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from trinity_common.messages import (
     JobAccepted,
     JobCancelled,
     JobFailed,
+    JobHandedBack,
     JobProgressed,
     JobRetried,
     JobStarted,
@@ -81,9 +83,13 @@ def retried(*, attempt: int = 1, second: float = 3) -> JobRetried:
     )
 
 
-def succeeded(*, second: float = 4) -> JobSucceeded:
+def handed_back(*, attempt: int = 1, second: float = 3) -> JobHandedBack:
+    return JobHandedBack(job_id=JOB_ID, queue="analysis", at=at(second), attempt=attempt)
+
+
+def succeeded(*, attempt: int = 1, second: float = 4) -> JobSucceeded:
     return JobSucceeded(
-        job_id=JOB_ID, queue="analysis", at=at(second), attempt=1, summary={"rows": 8}
+        job_id=JOB_ID, queue="analysis", at=at(second), attempt=attempt, summary={"rows": 8}
     )
 
 
@@ -117,6 +123,15 @@ async def job_row(conn: Connection, job_id: str = JOB_ID) -> dict[str, Any]:
     return dict(row)
 
 
+async def attempt_rows(conn: Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT attempt, worker, started_at, finished_at, outcome, error_type, error_message"
+        " FROM job_attempts WHERE job_id = $1 ORDER BY submission, attempt",
+        JOB_ID,
+    )
+    return [dict(row) for row in rows]
+
+
 @pytest.fixture
 async def conn(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
     async with pool.acquire() as acquired:
@@ -130,8 +145,8 @@ async def conn(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
 )
 @pytest.mark.parametrize(
     "late",
-    [started(second=10), progressed(50, "late beat", second=10)],
-    ids=["started", "progressed"],
+    [started(second=10), progressed(50, "late beat", second=10), handed_back(second=10)],
+    ids=["started", "progressed", "handed_back"],
 )
 async def test_projector_keeps_terminal_state_when_late_event_arrives(
     conn: Connection,
@@ -197,6 +212,125 @@ async def test_projector_keeps_running_when_accepted_arrives_after_started(
 
     job = await job_row(conn)
     assert (job["state"], job["attempt"], job["progress_percent"]) == ("running", 1, 20.0)
+
+
+LOST_TO_REDELIVERY = "the worker stopped reporting; the job was delivered again"
+
+
+async def test_projector_closes_unreported_attempt_as_lost_when_next_attempt_starts(
+    conn: Connection,
+) -> None:
+    await fold(conn, accepted(), started(), progressed(30))
+
+    await apply_event(conn, started(attempt=2, second=20), seq=4)
+
+    first, second = await attempt_rows(conn)
+    assert (first["outcome"], first["error_type"], first["error_message"]) == (
+        "lost",
+        "lost",
+        LOST_TO_REDELIVERY,
+    )
+    assert (first["started_at"], first["finished_at"]) == (at(1), at(20))
+    assert (second["attempt"], second["outcome"], second["finished_at"]) == (2, None, None)
+
+
+async def test_projector_records_lost_attempt_alike_whatever_order_events_arrive_in(
+    conn: Connection,
+) -> None:
+    """Projector replicas may apply a batch's events in any order, and any of them twice."""
+    stream: list[StatusEvent] = [
+        accepted(),
+        started(),
+        started(attempt=2, second=20),
+        succeeded(attempt=2, second=25),
+    ]
+    await fold(conn, *stream)
+    expected = await attempt_rows(conn)
+
+    outcomes = []
+    for order in itertools.permutations(range(1, len(stream) + 1)):
+        await conn.execute("DELETE FROM jobs WHERE job_id = $1", JOB_ID)
+        for seq in (*order, *order):
+            await apply_event(conn, stream[seq - 1], seq=seq)
+        outcomes.append(await attempt_rows(conn) == expected)
+
+    assert [(row["attempt"], row["outcome"], row["finished_at"]) for row in expected] == [
+        (1, "lost", at(20)),
+        (2, "succeeded", at(25)),
+    ]
+    assert outcomes == [True] * len(outcomes)
+
+
+async def test_projector_replaces_lost_with_outcome_reported_late(conn: Connection) -> None:
+    """A worker cut off for a while may still report; its word beats the inference."""
+    await fold(conn, accepted(), started(), started(attempt=2, second=20))
+
+    await apply_event(conn, retried(attempt=1, second=21), seq=4)
+
+    first, _ = await attempt_rows(conn)
+    assert (first["outcome"], first["error_type"], first["error_message"]) == (
+        "retried",
+        "RuntimeError",
+        "boom",
+    )
+    assert first["finished_at"] == at(21)
+    job = await job_row(conn)
+    assert (job["state"], job["attempt"]) == ("running", 2)
+
+
+async def test_projector_closes_unreported_attempt_as_lost_when_job_ended_before_it(
+    conn: Connection,
+) -> None:
+    """A worker may start an attempt just as the job is cancelled, and die before it notices."""
+    await fold(conn, accepted(), started(), cancelled(second=4))
+
+    await apply_event(conn, started(attempt=2, second=5), seq=4)
+
+    first, second = await attempt_rows(conn)
+    assert (first["outcome"], first["finished_at"]) == ("cancelled", at(4))
+    assert (second["outcome"], second["error_type"], second["error_message"]) == (
+        "lost",
+        "lost",
+        "the worker stopped reporting; the job ended without it",
+    )
+    assert second["finished_at"] == at(5), "no earlier than the attempt started"
+    assert (await job_row(conn))["state"] == "cancelled"
+
+
+async def test_projector_shows_handed_back_job_as_queued_afresh(conn: Connection) -> None:
+    await fold(conn, accepted(), started(), progressed(40, "reading"))
+
+    await apply_event(conn, handed_back(second=5), seq=4)
+
+    job = await job_row(conn)
+    assert (job["state"], job["attempt"], job["finished_at"]) == ("queued", 1, None)
+    assert (job["progress_percent"], job["progress_message"]) == (
+        0.0,
+        "handed back by a stopping worker",
+    )
+    [attempt] = await attempt_rows(conn)
+    assert (attempt["outcome"], attempt["error_type"], attempt["finished_at"]) == (
+        "handed_back",
+        None,
+        at(5),
+    )
+
+
+async def test_projector_keeps_next_attempt_running_when_hand_back_arrives_late(
+    conn: Connection,
+) -> None:
+    """Even at a newer stream position, as when the hand-back's publish was slow to be stored."""
+    await fold(conn, accepted(), started(), started(attempt=2, second=5))
+    await apply_event(conn, progressed(10, "again", attempt=2, second=6), seq=4)
+
+    await apply_event(conn, handed_back(attempt=1, second=4), seq=5)
+
+    job = await job_row(conn)
+    assert (job["state"], job["attempt"], job["progress_percent"]) == ("running", 2, 10.0)
+    assert [(row["attempt"], row["outcome"]) for row in await attempt_rows(conn)] == [
+        (1, "handed_back"),
+        (2, None),
+    ]
 
 
 async def test_projector_keeps_succeeded_when_late_progress_is_published(

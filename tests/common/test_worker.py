@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -13,22 +14,24 @@ from typing import TYPE_CHECKING
 import msgspec
 import pytest
 
-from tests.common.conftest import ANALYSIS
+from tests.common.conftest import ANALYSIS, STOP_TIMEOUT_S
 from tests.support import TERMINAL
-from trinity_common import names
+from trinity_common import broker, names
 from trinity_common.client import submit_job
 from trinity_common.commands import RunAnalysis
 from trinity_common.errors import PermanentJobError
 from trinity_common.messages import CancelRequest, JobCancelled, utc_now
 from trinity_common.offload import ProcessOffloader
 from trinity_common.status import publish_status
-from trinity_common.worker import JobContext, JobResult
+from trinity_common.worker import JobContext, JobResult, Worker
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from tests.common.conftest import Platform
+    from trinity_common.messages import JobEnvelope
     from trinity_common.queues import QueueSettings
+    from trinity_common.worker import Handler
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,6 +95,51 @@ class BlockingHandler:
         finally:
             self.stopped.set()
         return JobResult(data=None)
+
+
+@contextlib.asynccontextmanager
+async def stoppable_worker(
+    platform: Platform, handler: Handler, *, queue: QueueSettings, shutdown_grace_s: float
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Run a worker, yielding what stops it the way SIGTERM does; it is stopped on exit too.
+
+    The platform's own workers run until the test ends; this one ends on cue.
+    """
+    await broker.ensure_work_consumer(platform.js, queue)
+    worker = Worker(
+        queue=queue,
+        handler=handler,
+        nc=platform.nc,
+        js=platform.js,
+        pool=platform.pool,
+        shutdown_grace_s=shutdown_grace_s,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop), name="stoppable worker")
+
+    async def stop_worker() -> None:
+        stop.set()
+        await asyncio.wait_for(task, timeout=STOP_TIMEOUT_S)
+
+    try:
+        yield stop_worker
+    finally:
+        await stop_worker()
+
+
+async def start_job_on_a_worker_that_dies(platform: Platform, queue: QueueSettings) -> JobEnvelope:
+    """Submit a job, and once a worker runs it, end that worker the way a crash would.
+
+    Its connection drops without an ack or a word, and its code stops.
+    """
+    handler = BlockingHandler()
+    doomed = await platform.connect()
+    running = await platform.start_worker(handler, queue=queue, nc=doomed, shutdown_grace_s=0.1)
+    envelope = await submit_job(platform.js, queue, COMMAND)
+    await asyncio.wait_for(handler.running.wait(), timeout=START_TIMEOUT_S)
+    await doomed.close()
+    await platform.abandon(running.background)
+    return envelope
 
 
 @pytest.fixture
@@ -218,6 +266,46 @@ async def test_worker_fails_job_at_once_on_permanent_error(platform: Platform) -
     assert await platform.attempts(envelope.job_id) == [
         (1, "failed", "no_rows", "the dataset has no rows")
     ]
+
+
+async def test_worker_fails_job_whose_command_it_cannot_read_and_keeps_the_message(
+    platform: Platform,
+) -> None:
+    attempts: list[int] = []
+
+    async def handler(context: JobContext) -> JobResult:
+        attempts.append(context.attempt)
+        return JobResult(data=None)
+
+    await platform.start_worker(handler)
+    # A command this service's AnalysisOptions refuses, as a submitter that
+    # validates less (or differently) could still publish it.
+    job_id = "f" * 32
+    payload = msgspec.json.encode(
+        {
+            "job_id": job_id,
+            "queue": "analysis",
+            "created_at": utc_now(),
+            "command": {
+                "type": "run_analysis",
+                "dataset_id": "0" * 32,
+                "options": {"encoding": "idna"},
+            },
+        }
+    )
+
+    await platform.js.publish(names.job_subject("analysis"), payload, stream=names.JOBS_STREAM)
+    job = await platform.wait_for_job(job_id, states=TERMINAL)
+    await platform.wait_for_settled(deliveries=1)
+    await platform.wait_for_empty_work_stream()
+    dead = await platform.js.get_msg(names.DEAD_STREAM, subject=ANALYSIS.dead_subject)
+
+    assert (job["state"], job["attempt"], job["dead_lettered"]) == ("failed", 1, True)
+    assert job["error_type"] == "bad_payload"
+    assert job["error_message"].startswith("the analysis service cannot read this job: ")
+    assert "options.encoding 'idna' cannot decode a file" in job["error_message"]
+    assert dead.data == payload
+    assert attempts == []
 
 
 async def test_worker_retries_attempt_that_outlasts_timeout(platform: Platform) -> None:
@@ -370,15 +458,7 @@ async def test_worker_never_runs_job_cancelled_before_delivery(platform: Platfor
 async def test_reaper_fails_job_whose_worker_died_in_last_attempt(platform: Platform) -> None:
     queue = msgspec.structs.replace(ANALYSIS, timeout_s=1, retries=0, concurrency=1)
     platform.start_reaper()
-    handler = BlockingHandler()
-    doomed = await platform.connect()
-    running = await platform.start_worker(handler, queue=queue, nc=doomed, shutdown_grace_s=0.1)
-    envelope = await submit_job(platform.js, queue, COMMAND)
-    await asyncio.wait_for(handler.running.wait(), timeout=START_TIMEOUT_S)
-
-    # The process dies: its connection drops without an ack, and its code stops.
-    await doomed.close()
-    await platform.abandon(running.background)
+    envelope = await start_job_on_a_worker_that_dies(platform, queue)
     job = await platform.wait_for_job(
         envelope.job_id, states=TERMINAL, timeout_s=queue.ack_wait_s + 10
     )
@@ -391,3 +471,70 @@ async def test_reaper_fails_job_whose_worker_died_in_last_attempt(platform: Plat
     assert subject == "trinity.dead.analysis"
     assert letter.envelope == envelope
     assert (letter.attempts, letter.error_type) == (1, "attempts_exhausted")
+
+
+async def test_worker_closes_attempt_of_a_dead_worker_as_lost_when_job_runs_again(
+    platform: Platform,
+) -> None:
+    queue = msgspec.structs.replace(ANALYSIS, timeout_s=2, concurrency=1)
+    envelope = await start_job_on_a_worker_that_dies(platform, queue)
+    await platform.start_worker(succeed, queue=queue)
+    job = await platform.wait_for_job(
+        envelope.job_id, states=TERMINAL, timeout_s=queue.ack_wait_s + 10
+    )
+
+    assert (job["state"], job["attempt"]) == ("succeeded", 2)
+    assert await platform.attempts(envelope.job_id) == [
+        (1, "lost", "lost", "the worker stopped reporting; the job was delivered again"),
+        (2, "succeeded", None, None),
+    ]
+    first, second = await platform.pool.fetch(
+        "SELECT started_at, finished_at FROM job_attempts WHERE job_id = $1 ORDER BY attempt",
+        envelope.job_id,
+    )
+    assert first["finished_at"] == second["started_at"]
+
+
+async def test_worker_shows_job_queued_again_when_shutdown_hands_it_back(
+    platform: Platform,
+) -> None:
+    queue = msgspec.structs.replace(ANALYSIS, timeout_s=30)
+    handler = BlockingHandler()
+    async with stoppable_worker(
+        platform, handler, queue=queue, shutdown_grace_s=0.1
+    ) as stop_worker:
+        envelope = await submit_job(platform.js, queue, COMMAND)
+        await asyncio.wait_for(handler.running.wait(), timeout=START_TIMEOUT_S)
+        await platform.wait_for_job(envelope.job_id, states={"running"})
+
+        await stop_worker()
+    job = await platform.wait_for_job(envelope.job_id, states={"queued"})
+
+    assert handler.stopped.is_set()
+    assert (job["attempt"], job["progress_percent"], job["progress_message"]) == (
+        1,
+        0.0,
+        "handed back by a stopping worker",
+    )
+    assert job["finished_at"] is None
+    assert await platform.attempts(envelope.job_id) == [(1, "handed_back", None, None)]
+
+
+async def test_worker_runs_handed_back_job_again_as_its_next_attempt(platform: Platform) -> None:
+    queue = msgspec.structs.replace(ANALYSIS, timeout_s=30)
+    handler = BlockingHandler()
+    async with stoppable_worker(
+        platform, handler, queue=queue, shutdown_grace_s=0.1
+    ) as stop_worker:
+        envelope = await submit_job(platform.js, queue, COMMAND)
+        await asyncio.wait_for(handler.running.wait(), timeout=START_TIMEOUT_S)
+        await stop_worker()
+
+    await platform.start_worker(succeed, queue=queue)
+    job = await platform.wait_for_job(envelope.job_id, states=TERMINAL)
+
+    assert (job["state"], job["attempt"]) == ("succeeded", 2)
+    assert await platform.attempts(envelope.job_id) == [
+        (1, "handed_back", None, None),
+        (2, "succeeded", None, None),
+    ]

@@ -462,7 +462,7 @@ async def test_sigterm_hands_a_job_outlasting_the_grace_back_to_another_process(
 
     assert exit_status == 0, tail(first)
     assert job["state"] == "succeeded"
-    assert attempt_history(job) == [(1, None), (2, "succeeded")]
+    assert attempt_history(job) == [(1, "handed_back"), (2, "succeeded")]
     assert [(r["attempt"], r["pid"], r["outcome"]) for r in runs] == [
         (1, first.pid, "cancelled"),
         (2, second.pid, "succeeded"),

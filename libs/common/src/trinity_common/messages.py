@@ -16,11 +16,13 @@ from trinity_common.commands import Command
 
 __all__ = [
     "TERMINAL_STATES",
+    "AttemptOutcome",
     "CancelRequest",
     "JobAccepted",
     "JobCancelled",
     "JobEnvelope",
     "JobFailed",
+    "JobHandedBack",
     "JobProgressed",
     "JobRetried",
     "JobStarted",
@@ -32,6 +34,10 @@ __all__ = [
 
 JobState = Literal["queued", "running", "retrying", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+AttemptOutcome = Literal["retried", "succeeded", "failed", "cancelled", "handed_back", "lost"]
+"""How an attempt ended. ``lost``: its worker stopped reporting, and the job was
+delivered again or ended without it; every other outcome is one a process reported."""
 
 Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
 
@@ -113,6 +119,10 @@ class JobFailed(_Event, kw_only=True, frozen=True, tag="job_failed"):
     dead_lettered: bool = False
 
 
+class JobHandedBack(_Event, kw_only=True, frozen=True, tag="job_handed_back"):
+    """A stopping worker gave back an attempt it could not finish; the job waits in its queue."""
+
+
 class JobCancelled(_Event, kw_only=True, frozen=True, tag="job_cancelled"):
     """The job was cancelled before it could finish."""
 
@@ -127,5 +137,12 @@ class CancelRequest(msgspec.Struct, kw_only=True, frozen=True):
 
 
 StatusEvent = (
-    JobAccepted | JobStarted | JobProgressed | JobRetried | JobSucceeded | JobFailed | JobCancelled
+    JobAccepted
+    | JobStarted
+    | JobProgressed
+    | JobRetried
+    | JobHandedBack
+    | JobSucceeded
+    | JobFailed
+    | JobCancelled
 )

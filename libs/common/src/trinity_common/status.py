@@ -10,6 +10,18 @@ update is guarded so that neither matters: an event older than the last one
 applied (by stream sequence) changes nothing, a terminal state is never left,
 events of an earlier submission are ignored, and progress within one attempt
 never goes backwards.
+
+Each attempt has a row of its own, closed by the outcome its worker reports; a
+worker that stops mid-attempt reports ``handed_back``, and the job shows as
+queued again until its next attempt starts. A worker killed outright reports
+nothing, so an attempt still open once a later attempt of the job has a row,
+or once the job has ended, is closed as ``lost``. Its end is taken to be the
+start of the next attempt (or the end of the job): the first moment the record
+shows for certain that nobody waited for it any more. The last heartbeat would
+be earlier, but it is kept per job, not per attempt, and what it says depends
+on the order events arrive in; the next attempt's start does not. An outcome
+the worker reports after all (it was only cut off for a while) replaces
+``lost``: the process's own word is better than an inference.
 """
 
 from __future__ import annotations
@@ -24,12 +36,16 @@ import msgspec
 from trinity_common import broker, names
 from trinity_common.database import UNAVAILABLE_ERRORS
 from trinity_common.messages import (
+    TERMINAL_STATES,
+    AttemptOutcome,
     JobAccepted,
     JobCancelled,
     JobFailed,
+    JobHandedBack,
     JobProgressed,
     JobRetried,
     JobStarted,
+    JobState,
     JobSucceeded,
     StatusEvent,
 )
@@ -49,6 +65,10 @@ logger = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(StatusEvent)
 
+_HANDED_BACK = "handed back by a stopping worker"
+_LOST_TO_REDELIVERY = "the worker stopped reporting; the job was delivered again"
+_LOST_TO_END = "the worker stopped reporting; the job ended without it"
+
 
 async def publish_status(js: JetStreamContext, event: StatusEvent, *, ack_timeout_s: float) -> None:
     """Publish ``event`` on its queue's status subject and wait for the stream's ack."""
@@ -63,7 +83,9 @@ async def publish_status(js: JetStreamContext, event: StatusEvent, *, ack_timeou
 class _Change(msgspec.Struct, kw_only=True, frozen=True):
     """The columns one event sets; None keeps the stored value."""
 
-    state: str
+    state: JobState
+    creates_only: bool = False
+    """Whether the event's state only applies to a new record, and an existing one keeps its own."""
     attempt: int | None = None
     max_attempts: int | None = None
     started_at: datetime | None = None
@@ -75,7 +97,7 @@ class _Change(msgspec.Struct, kw_only=True, frozen=True):
     error_type: str | None = None
     error_message: str | None = None
     command: dict[str, Any] | None = None
-    outcome: str | None = None
+    outcome: AttemptOutcome | None = None
     worker: str | None = None
     dead_lettered: bool = False
 
@@ -83,7 +105,12 @@ class _Change(msgspec.Struct, kw_only=True, frozen=True):
 def _change_of(event: StatusEvent) -> _Change:
     match event:
         case JobAccepted():
-            return _Change(state="queued", max_attempts=event.max_attempts, command=event.command)
+            return _Change(
+                state="queued",
+                creates_only=True,
+                max_attempts=event.max_attempts,
+                command=event.command,
+            )
         case JobStarted():
             return _Change(
                 state="running",
@@ -110,6 +137,15 @@ def _change_of(event: StatusEvent) -> _Change:
                 error_type=event.error_type,
                 error_message=event.error_message,
                 outcome="retried",
+            )
+        case JobHandedBack():
+            # The next attempt starts from nothing; the one handed back shows why it ended.
+            return _Change(
+                state="queued",
+                attempt=event.attempt,
+                progress_percent=0.0,
+                progress_message=_HANDED_BACK,
+                outcome="handed_back",
             )
         case JobSucceeded():
             return _Change(
@@ -152,9 +188,9 @@ VALUES (
     $1, $2, $3, $4, coalesce($5, 0), coalesce($6, 1), coalesce($7, '{}'::jsonb), $8,
     $9, $10, $11, coalesce($12, 0), coalesce($13, ''), $14, $15, $16, $17, $18)
 ON CONFLICT (job_id) DO UPDATE SET
-    -- 'queued' only ever creates the record; arriving after the job's first
+    -- Acceptance only ever creates the record; arriving after the job's first
     -- events (it may), it adds what it knows and leaves the state alone.
-    state = CASE WHEN EXCLUDED.state = 'queued' THEN j.state ELSE EXCLUDED.state END,
+    state = CASE WHEN $19 THEN j.state ELSE EXCLUDED.state END,
     command = CASE WHEN j.command = '{}'::jsonb THEN EXCLUDED.command ELSE j.command END,
     attempt = coalesce($5, j.attempt),
     max_attempts = coalesce($6, j.max_attempts),
@@ -183,6 +219,8 @@ ON CONFLICT (job_id) DO UPDATE SET
 WHERE j.state NOT IN ('succeeded', 'failed', 'cancelled')
   AND j.submission <= EXCLUDED.submission
   AND j.last_event_seq < EXCLUDED.last_event_seq
+  -- An earlier attempt's late word (a hand-back published slowly, say) never
+  -- overwrites what a later attempt says.
   AND coalesce($5, j.attempt) >= j.attempt
 """
 
@@ -194,10 +232,45 @@ VALUES ($1, $2, $3, coalesce($4, ''), $5, $6, $7, $8, $9)
 ON CONFLICT (job_id, submission, attempt) DO UPDATE SET
     worker = CASE WHEN a.worker = '' THEN EXCLUDED.worker ELSE a.worker END,
     started_at = least(a.started_at, EXCLUDED.started_at),
-    finished_at = coalesce(a.finished_at, EXCLUDED.finished_at),
-    outcome = coalesce(a.outcome, EXCLUDED.outcome),
-    error_type = coalesce(a.error_type, EXCLUDED.error_type),
-    error_message = coalesce(a.error_message, EXCLUDED.error_message)
+    -- The first reported outcome stays; 'lost' was only inferred, and yields to one.
+    finished_at = CASE WHEN a.outcome = 'lost' AND EXCLUDED.outcome IS NOT NULL
+        THEN EXCLUDED.finished_at ELSE coalesce(a.finished_at, EXCLUDED.finished_at) END,
+    outcome = CASE WHEN a.outcome = 'lost' AND EXCLUDED.outcome IS NOT NULL
+        THEN EXCLUDED.outcome ELSE coalesce(a.outcome, EXCLUDED.outcome) END,
+    error_type = CASE WHEN a.outcome = 'lost' AND EXCLUDED.outcome IS NOT NULL
+        THEN EXCLUDED.error_type ELSE coalesce(a.error_type, EXCLUDED.error_type) END,
+    error_message = CASE WHEN a.outcome = 'lost' AND EXCLUDED.outcome IS NOT NULL
+        THEN EXCLUDED.error_message ELSE coalesce(a.error_message, EXCLUDED.error_message) END
+"""
+
+# Derived from the rows alone, not from the event at hand, so the same rows give
+# the same answer whichever order their events were applied in. Rows already
+# right are left alone, so a replayed event writes nothing.
+_CLOSE_LOST_ATTEMPTS = """
+WITH unreported AS (
+    SELECT a.submission, a.attempt, a.started_at,
+        (SELECT min(later.started_at) FROM job_attempts AS later
+          WHERE later.job_id = a.job_id
+            AND (later.submission, later.attempt) > (a.submission, a.attempt)
+        ) AS superseded_at,
+        CASE WHEN j.state IN ('succeeded', 'failed', 'cancelled') THEN j.finished_at
+        END AS job_ended_at
+    FROM job_attempts AS a JOIN jobs AS j USING (job_id)
+    WHERE a.job_id = $1 AND (a.outcome IS NULL OR a.outcome = 'lost')
+), closing AS (
+    SELECT submission, attempt,
+        greatest(started_at, coalesce(superseded_at, job_ended_at)) AS finished_at,
+        CASE WHEN superseded_at IS NULL THEN $3 ELSE $2 END AS error_message
+    FROM unreported
+    WHERE superseded_at IS NOT NULL OR job_ended_at IS NOT NULL
+)
+UPDATE job_attempts AS a SET
+    finished_at = c.finished_at, outcome = 'lost', error_type = 'lost',
+    error_message = c.error_message
+FROM closing AS c
+WHERE a.job_id = $1 AND (a.submission, a.attempt) = (c.submission, c.attempt)
+  AND (a.outcome IS NULL OR a.finished_at IS DISTINCT FROM c.finished_at
+       OR a.error_message IS DISTINCT FROM c.error_message)
 """
 
 
@@ -214,6 +287,28 @@ async def apply_event(conn: Connection, event: StatusEvent, *, seq: int) -> None
         error_message=_storable(change.error_message),
         progress_message=_storable(change.progress_message),
     )
+    await _apply_to_job(conn, event, change, seq=seq)
+
+    writes_attempt = change.worker is not None or change.outcome is not None
+    if event.attempt > 0 and writes_attempt:
+        await conn.execute(
+            _APPLY_TO_ATTEMPT,
+            event.job_id,
+            event.submission,
+            event.attempt,
+            change.worker,
+            change.started_at or event.at,
+            event.at if change.outcome else None,
+            change.outcome,
+            change.error_type,
+            change.error_message,
+        )
+    # Only a new attempt row or the job's end can leave an attempt unreported.
+    if (event.attempt > 0 and writes_attempt) or change.state in TERMINAL_STATES:
+        await conn.execute(_CLOSE_LOST_ATTEMPTS, event.job_id, _LOST_TO_REDELIVERY, _LOST_TO_END)
+
+
+async def _apply_to_job(conn: Connection, event: StatusEvent, change: _Change, *, seq: int) -> None:
     await conn.execute(
         _APPLY_TO_JOB,
         event.job_id,
@@ -234,20 +329,8 @@ async def apply_event(conn: Connection, event: StatusEvent, *, seq: int) -> None
         change.error_message,
         seq,
         change.dead_lettered,
+        change.creates_only,
     )
-    if event.attempt > 0 and (change.worker is not None or change.outcome is not None):
-        await conn.execute(
-            _APPLY_TO_ATTEMPT,
-            event.job_id,
-            event.submission,
-            event.attempt,
-            change.worker,
-            change.started_at or event.at,
-            event.at if change.outcome else None,
-            change.outcome,
-            change.error_type,
-            change.error_message,
-        )
 
 
 class StatusProjector:

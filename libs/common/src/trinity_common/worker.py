@@ -37,6 +37,7 @@ from trinity_common.messages import (
     JobCancelled,
     JobEnvelope,
     JobFailed,
+    JobHandedBack,
     JobProgressed,
     JobRetried,
     JobStarted,
@@ -66,7 +67,16 @@ _UNRECORDED_ERRORS: tuple[type[Exception], ...] = (nats.errors.Error, *UNAVAILAB
 RESULT_INLINE_MAX_BYTES = 256 * 1024
 """Results larger than this (encoded) go to the object store instead of their row."""
 
+
+class _JobHeader(msgspec.Struct, frozen=True):
+    """What identifies a job, read from a message whose command may be unreadable."""
+
+    job_id: str
+    submission: int = 1
+
+
 _envelope_decoder = msgspec.json.Decoder(JobEnvelope)
+_header_decoder = msgspec.json.Decoder(_JobHeader)
 _cancel_decoder = msgspec.json.Decoder(CancelRequest)
 _json = msgspec.json.Encoder()
 
@@ -224,7 +234,7 @@ class Worker:
         try:
             envelope = _envelope_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
-            await self._reject_undecodable(msg, err)
+            await self._reject_undecodable(msg, err, attempt)
             return
         with bind_job_context(
             job_id=envelope.job_id,
@@ -273,8 +283,26 @@ class Worker:
             )
         )
         context = JobContext(envelope=envelope, queue=self.queue, attempt=attempt, worker=self)
-        outcome = await self._attempt(msg, context)
+        try:
+            outcome = await self._attempt(msg, context)
+        except asyncio.CancelledError:
+            await self._announce_hand_back(context)
+            raise  # the caller naks, after the announcement, so it precedes the next start
         await self._settle(msg, context, outcome)
+
+    async def _announce_hand_back(self, context: JobContext) -> None:
+        """Say that shutdown stopped the attempt, so the job shows as queued, not running.
+
+        A lost announcement leaves the job shown running until the next attempt
+        starts, which closes this one as lost: late, but not wrong.
+        """
+        event = self._event(JobHandedBack, context.envelope, context.attempt)
+        try:
+            await self._publish(event)
+        except nats.errors.Error as err:
+            logger.warning("job hand-back not announced", extra={"error_type": type(err).__name__})
+            return
+        logger.info("job handed back")
 
     async def _attempt(self, msg: Msg, context: JobContext) -> _Outcome:
         started = asyncio.get_running_loop().time()
@@ -433,11 +461,34 @@ class Worker:
         log = logger.error if exhausted else logger.info
         log("job failed", extra={"error_type": outcome.error_type, "dead_lettered": True})
 
-    async def _reject_undecodable(self, msg: Msg, err: Exception) -> None:
-        # Nothing can be learnt from running it again; keep it for a person.
+    async def _reject_undecodable(self, msg: Msg, err: Exception, attempt: int) -> None:
+        # Nothing can be learnt from running it again; keep it for a person. A
+        # command this service cannot read (one from a newer or older submitter,
+        # say) still names its job, which must then end failed, not wait forever.
         logger.error(
             "undecodable job dead-lettered", extra={"subject": msg.subject, "error": str(err)}
         )
+        try:
+            header = _header_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            header = None
+        if header is not None:
+            failed = JobFailed(
+                job_id=header.job_id,
+                queue=self.queue.name,
+                at=utc_now(),
+                submission=header.submission,
+                attempt=attempt,
+                error_type="bad_payload",
+                error_message=f"the {self.queue.name} service cannot read this job: {err}",
+                dead_lettered=True,
+            )
+            try:
+                await self._publish(failed)
+            except nats.errors.Error:
+                # Unrecorded, the job would show queued for ever: try again later.
+                await broker.settle(msg.nak(delay=self.queue.backoff_s(attempt)))
+                return
         await broker.settle(
             self.js.publish(
                 self.queue.dead_subject,

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from trinity_common.commands import AnalysisOptions, DatasetId
-from trinity_common.messages import JobState
+from trinity_common.messages import AttemptOutcome, JobState
 
 __all__ = [
     "AcceptedResponse",
@@ -90,7 +90,8 @@ class Attempt(msgspec.Struct, kw_only=True, frozen=True):
     worker: str
     started_at: datetime
     finished_at: datetime | None
-    outcome: str | None
+    outcome: AttemptOutcome | None
+    """How the attempt ended; None while it runs. ``lost``: its worker stopped reporting."""
     error: JobError | None
 
 
