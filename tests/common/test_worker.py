@@ -191,6 +191,10 @@ async def test_worker_keeps_running_when_idle_fetch_times_out(
 
 
 async def test_worker_retries_failed_attempts_after_backoff(platform: Platform) -> None:
+    """Case D1 on the analysis queue: attempts spaced by the backoff, never back to back.
+
+    The webhook form of the case waits for the notify service, which has no queue handler yet.
+    """
     started_at: list[float] = []
 
     async def handler(context: JobContext) -> JobResult:
