@@ -312,18 +312,25 @@ async def test_openapi_document_describes_every_route(client: AsyncTestClient[Li
     assert "503" in document["paths"]["/api/analysis"]["post"]["responses"]
 
 
-async def test_readiness_fails_while_nats_is_frozen(
+async def test_readiness_fails_while_nats_is_frozen_and_the_gateway_recovers_after(
     client: AsyncTestClient[Litestar], nats_server: NatsServer
 ) -> None:
+    dataset = await upload(client)
     assert nats_server.pid is not None
     os.kill(nats_server.pid, signal.SIGSTOP)
     try:
-        response = await client.get("/health/ready")
+        frozen = await client.get("/health/ready")
     finally:
         os.kill(nats_server.pid, signal.SIGCONT)
+    # The answer to the probe's request arrives now, after the probe gave up on it.
+    await asyncio.sleep(0.5)
+    thawed = await client.get("/health/ready")
+    submitted = await client.post("/api/analysis", json={"dataset_id": dataset["dataset_id"]})
 
-    assert response.status_code == 503
-    assert response.json()["checks"] == {"nats": "down: TimeoutError", "database": "ok"}
+    assert frozen.status_code == 503
+    assert frozen.json()["checks"] == {"nats": "down: TimeoutError", "database": "ok"}
+    assert thawed.status_code == 200, thawed.text
+    assert submitted.status_code == 202, submitted.text
 
 
 async def test_upload_with_two_files_in_the_field_gets_400_saying_so(

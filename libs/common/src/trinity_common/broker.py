@@ -106,16 +106,17 @@ async def _connect(settings: ConnectionSettings, *, name: str) -> Client:
 
 
 async def ping(nc: Client, *, timeout_s: float = 1.0) -> str:
-    """Answer ``"ok"`` if the server answers a round trip in time, else why not.
+    """Answer ``"ok"`` if JetStream answers a request in time, else why not.
 
     For readiness probes. A connection can look open to this process while the
-    server behind it has stopped answering; only a round trip tells.
+    server behind it has stopped answering; only a round trip tells. The round
+    trip is a JetStream API request, not a PING: nats-py cannot give up waiting
+    for a PONG without breaking the connection when that PONG arrives later.
     """
     if not nc.is_connected:
         return "down: not connected"
     try:
-        async with asyncio.timeout(timeout_s):
-            await nc.flush()
+        await nc.jetstream(timeout=timeout_s).account_info()
     except (nats.errors.Error, TimeoutError) as err:
         return f"down: {type(err).__name__}"
     return "ok"
