@@ -359,6 +359,31 @@ async def test_cancelling_a_succeeded_job_gets_409_saying_so(
     assert (await read_job(client, job_id))["state"] == "succeeded"
 
 
+async def test_cancelling_a_job_whose_result_is_stored_gets_409_before_its_status_arrives(
+    client: TestClient, dataset_id: str, database: Database
+) -> None:
+    job_id = await submit_job(client, dataset_id)
+    # The worker stores the result, then publishes the success: between the two,
+    # and until the projector applies it, the record still reads queued or running.
+    conn = await asyncpg.connect(database.url)
+    try:
+        await conn.execute(
+            "INSERT INTO job_results (job_id, queue, result, size_bytes)"
+            " VALUES ($1, 'analysis', '{}', 2)",
+            job_id,
+        )
+    finally:
+        await conn.close()
+
+    response = await client.delete(f"/api/jobs/{job_id}")
+
+    assert response.status_code == 409
+    assert response.json()["detail"] == (
+        f"job {job_id} already succeeded; only unfinished jobs can be cancelled"
+    )
+    assert (await read_job(client, job_id))["state"] == "queued"
+
+
 async def test_cancelling_an_unknown_job_gets_404(client: TestClient) -> None:
     response = await client.delete(f"/api/jobs/{'a' * 32}")
 

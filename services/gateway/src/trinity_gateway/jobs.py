@@ -253,14 +253,18 @@ class JobController(Controller):
             "UPDATE jobs SET state = 'cancelled', finished_at = now(), error_type = 'cancelled',"
             " error_message = $2, updated_at = now()"
             " WHERE job_id = $1 AND state NOT IN ('succeeded', 'failed', 'cancelled')"
+            # A stored result means the job succeeded, even before its status
+            # event has reached this record.
+            " AND NOT EXISTS (SELECT 1 FROM job_results WHERE job_id = $1)"
             " RETURNING queue, submission, attempt",
             job_id,
             reason,
         )
         if row is None:
             current = await load_job(state.pool, job_id, state.queues)
+            ended = current.state if current.state in _TERMINAL else "succeeded"
             raise ConflictError(
-                f"job {job_id} already {current.state}; only unfinished jobs can be cancelled"
+                f"job {job_id} already {ended}; only unfinished jobs can be cancelled"
             )
         await _announce_cancel(state, job_id, row, reason)
         return await load_job(state.pool, job_id, state.queues)
