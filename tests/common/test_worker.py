@@ -66,6 +66,11 @@ def own_pid(*, progress: Callable[[float, str], None]) -> int:
     return os.getpid()
 
 
+def own_process_group(*, progress: Callable[[float, str], None]) -> int:
+    """Return the process group of the offloader process this runs in."""
+    return os.getpgrp()
+
+
 def spin_past_timeout(pid_file: str, *, progress: Callable[[float, str], None]) -> None:
     """Write this process's id, then keep a CPU busy far past the attempt's timeout."""
     Path(pid_file).write_text(str(os.getpid()), encoding="utf-8")
@@ -336,6 +341,19 @@ async def test_worker_retries_attempt_that_outlasts_timeout(platform: Platform) 
         (2, "succeeded", None, None),
     ]
     assert stopped == [1]
+
+
+async def test_offloaded_work_is_out_of_reach_of_signals_to_the_services_group(
+    offloader: ProcessOffloader,
+) -> None:
+    """SIGTERM to the whole group (Ctrl-C, ``kill -- -pgid``) must reach the service alone.
+
+    It then hands running jobs back after its grace; a child killed by the same
+    signal would instead fail the attempt and spend a retry.
+    """
+    group = await offloader.run(own_process_group)
+
+    assert group != os.getpgrp()
 
 
 async def test_worker_kills_offloaded_process_at_attempt_deadline(

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import multiprocessing
+import os
 import queue
 import signal
 import sys
@@ -47,13 +48,17 @@ def _run_reporting(
 
 
 def _bind_to_parent() -> None:
-    """Make a child process outlive neither its parent nor a terminal's Ctrl-C.
+    """Make a child process answer to its parent alone, and never outlive it.
 
-    A Ctrl-C reaches the whole process group; the parent decides what happens to
-    running work (it finishes within the shutdown grace), so the child ignores it.
-    If the parent is killed outright, the kernel kills the child too
-    (PR_SET_PDEATHSIG, Linux), instead of leaving it to compute for no one.
+    A signal to the whole process group (a terminal's Ctrl-C, ``kill -- -pgid``,
+    a supervisor stopping the group) is the parent's to act on: running work
+    finishes within its shutdown grace or is handed back. So the child leaves
+    the group, and ignores SIGINT besides. It still stops at once when the parent
+    terminates it directly, at an attempt's deadline. If the parent is killed
+    outright, the kernel kills the child too (PR_SET_PDEATHSIG, Linux), instead
+    of leaving it to compute for no one.
     """
+    os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
