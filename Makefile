@@ -15,8 +15,12 @@ setup:  ## Install uv if missing, then the locked environment
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) sync --locked
 
+# DATASET and OPTIONS reach the demo through its environment, neither expanded by
+# make nor parsed by the shell, so a path or a JSON object arrives exactly as typed.
+demo: export TRINITY_DEMO_DATASET := $(value DATASET)
+demo: export TRINITY_DEMO_OPTIONS := $(value OPTIONS)
 demo: setup  ## Profile a real dataset end to end (DATASET=file.csv for another, OPTIONS='<JSON>' for analysis options, KEEP=1 to explore)
-	$(RUN) python scripts/demo.py $(if $(DATASET),--dataset "$(DATASET)") $(if $(OPTIONS),--options '$(OPTIONS)') $(if $(KEEP),--keep)
+	$(RUN) python scripts/demo.py $(if $(KEEP),--keep)
 
 test: lint  ## Lint, type-check, then run the whole suite against real servers
 	$(RUN) pytest

@@ -37,12 +37,19 @@ OPTIONS_HINT = (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=PENGUINS, help="file to profile")
+    # `make demo DATASET=... OPTIONS=...` passes them in the environment.
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        default=os.environ.get("TRINITY_DEMO_DATASET") or PENGUINS,
+        help="file to profile (default: $TRINITY_DEMO_DATASET, else the Palmer penguins)",
+    )
     parser.add_argument(
         "--options",
         type=analysis_options,
-        default={},
-        help='analysis options as a JSON object, such as \'{"encoding": "cp1252"}\'',
+        default=os.environ.get("TRINITY_DEMO_OPTIONS") or "{}",
+        help='analysis options as a JSON object, such as \'{"encoding": "cp1252"}\''
+        " (default: $TRINITY_DEMO_OPTIONS)",
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the job")
     parser.add_argument(
@@ -138,6 +145,8 @@ def print_correlations(correlations: dict[str, Any] | None) -> None:
         for j in range(i + 1, len(names))
         if matrix[i][j] is not None
     ]
+    if not pairs:
+        return  # fewer than two numeric columns, or too few rows to correlate
     print("\n  strongest correlations (Pearson):")
     for _, r, a, b in sorted(pairs, reverse=True)[:5]:
         print(f"    {a} ~ {b}: {r:+.3f}")

@@ -92,13 +92,24 @@ async def test_queue_status_route_serves_the_same_document(
         ({"dataset_id": "0" * 32, "colour": "red"}, "colour", "no such field"),
         ({"dataset_id": "0" * 32, "options": {"bins": 3}}, "options.bins", "no such field"),
         ([], "body", "Expected `object`, got `array`"),
+        ({"dataset_id": "0" * 32, "a`b": 1}, "a`b", "no such field"),
+        ({"dataset_id": "0" * 32, "": 1}, "body", "no such field"),
         (
             {"dataset_id": "0" * 32, "options": {"histogram_bins": 0}},
             "options.histogram_bins",
             ">= 1",
         ),
     ],
-    ids=["wrong-type", "missing", "unknown-field", "unknown-option", "out-of-range", "array"],
+    ids=[
+        "wrong-type",
+        "missing",
+        "unknown-field",
+        "unknown-option",
+        "out-of-range",
+        "array",
+        "backtick-name",
+        "empty-name",
+    ],
 )
 async def test_malformed_body_gets_400_naming_the_problem(
     client: AsyncTestClient[Litestar], body: Any, field: str, words: str
@@ -163,6 +174,9 @@ async def test_truncated_json_gets_400_saying_it_is_malformed(
 
     assert response.status_code == 400
     assert response.json()["detail"] == "JSON is malformed: the body ends before the JSON does"
+    assert response.json()["problems"] == [
+        {"field": "body", "message": "the body ends before the JSON does"}
+    ]
 
 
 @pytest.mark.parametrize(

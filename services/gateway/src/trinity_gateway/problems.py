@@ -75,7 +75,7 @@ _CLIENT_NAMES = {"job_state": "state", "idempotency_key": "Idempotency-Key"}
 
 # msgspec names a missing or unknown field in its message, against the object
 # that holds it; the problem names the field itself.
-_OBJECT_FIELD = re.compile(r"^Object (missing required|contains unknown) field `([^`]+)`$")
+_OBJECT_FIELD = re.compile(r"^Object (missing required|contains unknown) field `(.*)`$")
 _OBJECT_FIELD_MESSAGES = {
     "missing required": "required, and missing",
     "contains unknown": "no such field",
@@ -95,8 +95,9 @@ def _problem_of(item: dict[str, Any]) -> Problem:
     if message == f"'{key}'" and key == _BODY:
         return Problem(field="body", message="required, and missing")
     if found := _OBJECT_FIELD.match(message):
-        holder = "" if path in (_BODY, "$") else f"{path}."
-        return Problem(field=f"{holder}{found[2]}", message=_OBJECT_FIELD_MESSAGES[found[1]])
+        holder = "" if path in (_BODY, "$") else path
+        field = ".".join(part for part in (holder, found[2]) if part) or "body"
+        return Problem(field=field, message=_OBJECT_FIELD_MESSAGES[found[1]])
     if path == _BODY and message.startswith("Expected"):
         return Problem(field="body", message=message)
     if found := re.match(rf"{re.escape(path)}\.(\w+) ", message):
@@ -129,7 +130,8 @@ def _body_is_optional(request: Request[Any, Any, Any]) -> bool:
 
 def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     problems = _problems_of(exc, request)
-    return problem(exc.status_code, _validation_detail(exc, problems), problems)
+    detail = _validation_detail(exc, problems)
+    return problem(exc.status_code, detail, _or_malformed_body(detail, problems))
 
 
 def _validation_detail(exc: ValidationException, problems: list[Problem]) -> str:
@@ -142,16 +144,28 @@ def _validation_detail(exc: ValidationException, problems: list[Problem]) -> str
 
 
 def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    return problem(exc.status_code, _plain(str(exc.detail)), _problems_of(exc), headers=exc.headers)
+    detail = _plain(str(exc.detail))
+    problems = _or_malformed_body(detail, _problems_of(exc))
+    return problem(exc.status_code, detail, problems, headers=exc.headers)
+
+
+def _or_malformed_body(detail: str, problems: list[Problem]) -> list[Problem]:
+    # JSON that does not parse has no field to blame: the body as a whole is it.
+    if not problems and detail.startswith(_MALFORMED):
+        return [Problem(field="body", message=detail.removeprefix(_MALFORMED))]
+    return problems
 
 
 # What msgspec says of JSON it cannot decode, where it does not say it is JSON.
 _TERSE_DECODE_ERRORS = {"Input data was truncated": "the body ends before the JSON does"}
 
 
+_MALFORMED = "JSON is malformed: "
+
+
 def _plain(detail: str) -> str:
     if detail in _TERSE_DECODE_ERRORS:
-        return f"JSON is malformed: {_TERSE_DECODE_ERRORS[detail]}"
+        return f"{_MALFORMED}{_TERSE_DECODE_ERRORS[detail]}"
     return detail
 
 
