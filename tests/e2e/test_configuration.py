@@ -17,8 +17,17 @@ if TYPE_CHECKING:
         ("trinity_gateway", "TRINITY_QUEUE_EMAIL_RETRYS", "3"),
         ("trinity_analysis", "TRINITY_QUEUE_ANALYSIS_TIMEOUT_S", "soon"),
         ("trinity_analysis", "TRINITY_DATABASE_POOL_MAX", "0"),
+        ("trinity_analysis", "TRINITY_QUEUE_EMAIL_CONCURRENCY", "0"),
+        ("trinity_analysis", "TRINITY_QUEUE_NOPE_RETRIES", "1"),
     ],
-    ids=["gateway-type", "gateway-unknown-queue-field", "worker-queue-type", "worker-range"],
+    ids=[
+        "gateway-type",
+        "gateway-unknown-queue-field",
+        "worker-queue-type",
+        "worker-range",
+        "worker-other-queue",
+        "worker-unknown-queue",
+    ],
 )
 async def test_service_refuses_to_start_naming_the_bad_variable(
     services: Services, module: str, variable: str, value: str

@@ -22,7 +22,7 @@ from trinity_common import broker
 from trinity_common.database import UNAVAILABLE_ERRORS, apply_migrations, create_pool, ping
 from trinity_common.logs import configure_logging
 from trinity_common.probes import serving_probes
-from trinity_common.queues import load_queue_settings
+from trinity_common.queues import QUEUES, load_queue_settings
 from trinity_common.settings import ConnectionSettings, SettingsError, load_settings
 from trinity_common.worker import Worker
 
@@ -138,6 +138,10 @@ def run_worker_service(
     """
     try:
         settings = load_settings(WorkerSettings, env)
+        # Every queue's, not only its own: deployments share one configuration,
+        # and a mistake in it should stop every process that reads it.
+        for name in QUEUES:
+            load_queue_settings(name, env)
         load_queue_settings(queue_name, env)
     except SettingsError as err:
         print(f"trinity-{service}: {err}", file=sys.stderr)  # noqa: T201 - logging is not set up yet

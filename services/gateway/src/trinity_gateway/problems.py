@@ -138,7 +138,8 @@ def _validation_detail(exc: ValidationException, problems: list[Problem]) -> str
     # Litestar's own detail only names the route; the first problem says more.
     if problems and str(exc.detail).startswith("Validation failed"):
         first = problems[0]
-        where = f" in {first.field}" if first.field else ""
+        named = not first.field or first.message.startswith(f"{first.field} ")
+        where = "" if named else f" in {first.field}"
         return f"invalid request{where}: {first.message}"
     return _plain(str(exc.detail))
 
