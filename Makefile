@@ -34,9 +34,10 @@ format: setup
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
 
-bench: setup  ## Publish and accept rates, printed side by side (needs wrk)
+bench: setup  ## Publish and accept rates side by side (needs wrk), then Object Store rates
 	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null
 	$(RUN) python bench/accept.py
+	$(RUN) python bench/objects.py
 
 soak: setup  ## 10,000 analysis jobs through SIGKILLs and a NATS restart; prints the counts
 	$(RUN) python scripts/soak.py $(if $(JOBS),--jobs $(JOBS))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from nats.js.errors import ObjectNotFoundError
 
 from trinity_analysis.profile import profile_dataset
-from trinity_common import names
+from trinity_common import broker, names
 from trinity_common.commands import RunAnalysis
 from trinity_common.errors import PermanentJobError
 from trinity_common.offload import ProcessOffloader
@@ -76,10 +76,9 @@ async def run_analysis(
 async def _read_dataset(context: JobContext, dataset_id: str) -> bytes:
     store = await context.js.object_store(names.DATASETS_BUCKET)
     try:
-        found = await store.get(dataset_id)
+        return await broker.read_object(store, dataset_id)
     except ObjectNotFoundError as err:
         raise PermanentJobError(
             f"the bytes of dataset {dataset_id} are missing from storage",
             error_type="dataset_not_found",
         ) from err
-    return found.data or b""

@@ -11,7 +11,7 @@ from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
 from litestar.params import PathParameter
 
-from trinity_common import names
+from trinity_common import broker, names
 from trinity_common.client import BrokerUnavailableError
 from trinity_gateway.problems import problem_spec
 from trinity_gateway.schemas import AnalysisResponse
@@ -24,10 +24,10 @@ JobId = Annotated[str, PathParameter(pattern=r"^[0-9a-f]{32}$", description="The
 async def _read_stored(state: State, object_name: str) -> dict[str, Any]:
     try:
         store = await state.js.object_store(names.RESULTS_BUCKET)
-        found = await store.get(object_name)
+        data = await broker.read_object(store, object_name)
     except nats.errors.Error as err:
         raise BrokerUnavailableError("the result store did not answer") from err
-    profile: dict[str, Any] = msgspec.json.decode(found.data or b"{}")
+    profile: dict[str, Any] = msgspec.json.decode(data or b"{}")
     return profile
 
 
