@@ -62,8 +62,8 @@ STORM_DEADLINE_S = 60.0
 JOBS_DEADLINE_S = 60.0
 STARTUP_TIMEOUT_S = 30.0
 
-# Ack wait is timeout + margin = 12 s, so a worker holds a job through up to
-# 6 s of database trouble (half the ack wait) before it hands the job back.
+# Ack wait is timeout + margin = 12 s, shorter than the pause: a worker holding a
+# job through it must keep the job's ack deadline away, and spend none of its attempts.
 SERVICE_ENV = {
     "TRINITY_DATABASE_TIMEOUT_S": f"{DATABASE_TIMEOUT_S:g}",
     "TRINITY_DATABASE_POOL_MAX": str(POOL_MAX),

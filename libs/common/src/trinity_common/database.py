@@ -50,14 +50,29 @@ async def ping(pool: asyncpg.Pool, *, timeout_s: float = 1.0) -> str:
     """Answer ``"ok"`` if the database runs a trivial query in time, else why not.
 
     For readiness probes: whatever goes wrong means "not ready", and the reason
-    names only the error's type, never connection details.
+    names only the error's type, never connection details. The answer comes in
+    ``timeout_s`` even from a server that stopped answering: the abandoned query
+    cleans up after itself in the background, which can take several seconds.
     """
+    query = asyncio.ensure_future(pool.fetchval("SELECT 1"))
     try:
-        async with asyncio.timeout(timeout_s):
-            await pool.fetchval("SELECT 1")
-    except Exception as err:  # noqa: BLE001 - any failure means not ready; the type is reported
+        done, _ = await asyncio.wait({query}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        query.cancel()
+        raise
+    if not done:
+        query.cancel()
+        query.add_done_callback(_forget)
+        return "down: TimeoutError"
+    if (err := query.exception()) is not None:
         return f"down: {type(err).__name__}"
     return "ok"
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    # Retrieve the outcome of an abandoned query, so it is not reported as lost.
+    if not task.cancelled():
+        task.exception()
 
 
 # An arbitrary constant: the key of the advisory lock migrations hold.

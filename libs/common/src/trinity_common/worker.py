@@ -173,6 +173,7 @@ class Worker:
         self._active: dict[str, tuple[asyncio.Task[JobResult], JobContext]] = {}
         self.last_fetch_at = 0.0
         """Event-loop time of the last fetch that reached the server; for readiness."""
+        self._stopping = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and run jobs until ``stop`` is set, then shut down gracefully."""
@@ -194,6 +195,7 @@ class Worker:
                     task.add_done_callback(self._running.discard)
         finally:
             stopped.cancel()
+            self._stopping.set()
             await self._drain()
             await sub.unsubscribe()
             await cancels.unsubscribe()
@@ -252,7 +254,9 @@ class Worker:
                 # The outcome could not be recorded; JetStream redelivers the job
                 # after its ack deadline and the stored result, if any, is reused.
                 logger.warning("job outcome not recorded", extra={"error_type": type(err).__name__})
-                await broker.settle(msg.nak(delay=self.queue.backoff_s(attempt)))
+                # At shutdown the job goes back at once, for a process that can reach it all.
+                delay = 0 if self._stopping.is_set() else self.queue.backoff_s(attempt)
+                await broker.settle(msg.nak(delay=delay))
             except Exception:
                 # A fault of the runtime itself: say so loudly, and hand the job
                 # back after a backoff rather than leave it to its ack deadline.
@@ -500,25 +504,27 @@ class Worker:
         await broker.settle(msg.term())
 
     async def _patiently(self, msg: Msg, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run a database ``operation``, riding out an outage of up to an ack deadline.
+        """Run a database ``operation``, riding out an outage for as long as it lasts.
 
-        Naking on every database hiccup would spend the job's attempts on trouble
-        that is not the job's; instead the job is held (its ack deadline kept
-        fresh) and the operation retried, until half the ack wait has passed.
+        Naking on a database outage would spend the job's attempts on trouble that
+        is not the job's, and dead-letter healthy jobs after a long enough one.
+        Instead the job is held, its ack deadline kept fresh, and the operation
+        retried until the database answers. Only shutdown ends the wait: the error
+        is raised then, and the job handed back for another process.
         """
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self.queue.ack_wait_s / 2
         delay = 0.25
         while True:
             try:
                 return await operation(*args)
             except UNAVAILABLE_ERRORS as err:
-                if loop.time() + delay > give_up_at:
+                if self._stopping.is_set():
                     raise
                 logger.warning("database unavailable, holding job", extra={"error": repr(err)})
-            await asyncio.sleep(delay)
             await broker.settle(msg.in_progress())
-            delay = min(delay * 2, 5.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            # Often enough that the in-progress acks keep the ack deadline away.
+            delay = min(delay * 2, 5.0, self.queue.ack_wait_s / 4)
 
     async def _prior_state(self, job_id: str) -> _Prior:
         """Return what is already known of the job: its stored result and recorded state."""
