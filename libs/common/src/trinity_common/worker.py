@@ -129,6 +129,15 @@ class JobContext:
         self._worker = worker
         self._published_at = 0.0
 
+    async def patiently(self, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Return ``await operation(*args)``, retried for as long as the database is away.
+
+        For a handler's own queries: an outage then waits, rather than failing the
+        attempt and spending a retry. The attempt's heartbeats keep the job
+        meanwhile, and its timeout bounds the wait.
+        """
+        return await self._worker._patiently(None, operation, *args)
+
     async def report_progress(self, percent: float, message: str = "") -> None:
         """Record progress; it reaches the status stream at most twice a second.
 
@@ -503,14 +512,17 @@ class Worker:
         )
         await broker.settle(msg.term())
 
-    async def _patiently(self, msg: Msg, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def _patiently(
+        self, msg: Msg | None, operation: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
         """Run a database ``operation``, riding out an outage for as long as it lasts.
 
         Naking on a database outage would spend the job's attempts on trouble that
         is not the job's, and dead-letter healthy jobs after a long enough one.
-        Instead the job is held, its ack deadline kept fresh, and the operation
-        retried until the database answers. Only shutdown ends the wait: the error
-        is raised then, and the job handed back for another process.
+        Instead the job is held, its ack deadline kept fresh (through ``msg``, or
+        by the attempt's heartbeats when None), and the operation retried until
+        the database answers. Only shutdown ends the wait: the error is raised
+        then, and the job handed back for another process.
         """
         delay = 0.25
         while True:
@@ -520,7 +532,8 @@ class Worker:
                 if self._stopping.is_set():
                     raise
                 logger.warning("database unavailable, holding job", extra={"error": repr(err)})
-            await broker.settle(msg.in_progress())
+            if msg is not None:
+                await broker.settle(msg.in_progress())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
             # Often enough that the in-progress acks keep the ack deadline away.

@@ -45,7 +45,8 @@ async def run_analysis(
         raise PermanentJobError(
             f"the analysis queue cannot run {type(command).__name__}", error_type="bad_command"
         )
-    dataset = await context.pool.fetchrow(
+    dataset = await context.patiently(
+        context.pool.fetchrow,
         "SELECT name, content_type, size_bytes FROM datasets WHERE dataset_id = $1",
         command.dataset_id,
     )
