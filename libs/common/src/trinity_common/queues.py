@@ -18,7 +18,7 @@ from trinity_common.settings import ConnectionSettings, SettingsError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["QUEUES", "QueueName", "QueueSettings", "load_queue_settings"]
+__all__ = ["QUEUES", "QueueName", "QueueSettings", "load_all_queue_settings", "load_queue_settings"]
 
 QueueName = Literal["analysis", "retraining", "reports", "email", "notifications"]
 """The name of a queue in the catalogue."""
@@ -131,6 +131,18 @@ def load_queue_settings(name: str, env: Mapping[str, str]) -> QueueSettings:
     except msgspec.ValidationError as err:
         field = str(err).rpartition("$.")[2].rstrip("`")
         raise SettingsError(f"invalid {prefix}{field.upper()}: {err}") from err
+
+
+def load_all_queue_settings(env: Mapping[str, str]) -> dict[str, QueueSettings]:
+    """Return the settings of every queue in the catalogue, by name.
+
+    Every process validates them all, not only its own queue's: deployments
+    share one configuration, and a mistake in it should stop whatever reads it.
+
+    Raises:
+        SettingsError: an override is malformed or unknown; the message names it.
+    """
+    return {name: load_queue_settings(name, env) for name in QUEUES}
 
 
 def _refuse_unknown_queues(env: Mapping[str, str]) -> None:

@@ -22,8 +22,8 @@ from trinity_common import broker
 from trinity_common.database import UNAVAILABLE_ERRORS, apply_migrations, create_pool, ping
 from trinity_common.logs import configure_logging
 from trinity_common.probes import serving_probes
-from trinity_common.queues import QUEUES, load_queue_settings
-from trinity_common.settings import ConnectionSettings, SettingsError, load_settings
+from trinity_common.queues import load_all_queue_settings, load_queue_settings
+from trinity_common.settings import ConnectionSettings, load_settings, settings_or_exit
 from trinity_common.worker import Worker
 
 if TYPE_CHECKING:
@@ -136,16 +136,8 @@ def run_worker_service(
     A malformed setting ends the process at once with status 2 and one line
     naming the variable, before anything connects anywhere.
     """
-    try:
-        settings = load_settings(WorkerSettings, env)
-        # Every queue's, not only its own: deployments share one configuration,
-        # and a mistake in it should stop every process that reads it.
-        for name in QUEUES:
-            load_queue_settings(name, env)
-        load_queue_settings(queue_name, env)
-    except SettingsError as err:
-        print(f"trinity-{service}: {err}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
-        sys.exit(2)
+    settings = settings_or_exit(f"trinity-{service}", lambda: load_settings(WorkerSettings, env))
+    settings_or_exit(f"trinity-{service}", lambda: load_all_queue_settings(env))
     configure_logging(service=service, level=settings.log_level, log_format=settings.log_format)
 
     async def main() -> None:

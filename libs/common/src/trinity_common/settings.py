@@ -8,6 +8,7 @@ naming the variable.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 import msgspec
@@ -15,13 +16,14 @@ import msgspec
 from trinity_common.errors import TrinityError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
-__all__ = ["ConnectionSettings", "SettingsError", "load_settings"]
+__all__ = ["ConnectionSettings", "SettingsError", "load_settings", "settings_or_exit"]
 
 ENV_PREFIX = "TRINITY_"
 
 S = TypeVar("S", bound=msgspec.Struct)
+T = TypeVar("T")
 
 
 class SettingsError(TrinityError):
@@ -80,6 +82,19 @@ def load_settings(cls: type[S], env: Mapping[str, str]) -> S:
         return msgspec.convert(values, cls, strict=False)
     except msgspec.ValidationError as err:
         raise SettingsError(f"invalid configuration: {_name_variable(str(err))}") from err
+
+
+def settings_or_exit(program: str, load: Callable[[], T]) -> T:
+    """Return ``load()``; if a setting is malformed, end the process at once.
+
+    The process exits with status 2 and one line on stderr naming the variable,
+    before anything connects anywhere and before logging is set up.
+    """
+    try:
+        return load()
+    except SettingsError as err:
+        print(f"{program}: {err}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
+        sys.exit(2)
 
 
 def _name_variable(message: str) -> str:

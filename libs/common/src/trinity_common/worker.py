@@ -486,12 +486,10 @@ class Worker:
         except (msgspec.DecodeError, msgspec.ValidationError):
             header = None
         if header is not None:
-            failed = JobFailed(
-                job_id=header.job_id,
-                queue=self.queue.name,
-                at=utc_now(),
-                submission=header.submission,
-                attempt=attempt,
+            failed = self._event(
+                JobFailed,
+                header,
+                attempt,
                 error_type="bad_payload",
                 error_message=f"the {self.queue.name} service cannot read this job: {err}",
                 dead_lettered=True,
@@ -595,7 +593,9 @@ class Worker:
     async def _publish(self, event: StatusEvent) -> None:
         await publish_status(self.js, event, ack_timeout_s=self._publish_timeout_s)
 
-    def _event(self, kind: type[Any], envelope: JobEnvelope, attempt: int, **fields: Any) -> Any:
+    def _event(
+        self, kind: type[Any], envelope: JobEnvelope | _JobHeader, attempt: int, **fields: Any
+    ) -> Any:
         return kind(
             job_id=envelope.job_id,
             queue=self.queue.name,

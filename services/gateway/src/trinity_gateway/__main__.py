@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from typing import TYPE_CHECKING
 
 import uvicorn
 
 from trinity_common.logs import configure_logging
-from trinity_common.settings import SettingsError, load_settings
+from trinity_common.settings import load_settings, settings_or_exit
 from trinity_gateway.app import create_app
 from trinity_gateway.settings import GatewaySettings
 
@@ -44,13 +43,10 @@ class _Server(uvicorn.Server):
 
 def main() -> None:
     """Serve the HTTP API until SIGTERM, then finish requests in flight and exit 0."""
-    try:
-        settings = load_settings(GatewaySettings, os.environ)
-        app = create_app(settings, env=os.environ)
-    except SettingsError as err:
-        # One line naming the variable, and status 2, before anything connects.
-        print(f"trinity-gateway: {err}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
-        sys.exit(2)
+    settings = settings_or_exit(
+        "trinity-gateway", lambda: load_settings(GatewaySettings, os.environ)
+    )
+    app = settings_or_exit("trinity-gateway", lambda: create_app(settings, env=os.environ))
     configure_logging(service="gateway", level=settings.log_level, log_format=settings.log_format)
     config = uvicorn.Config(
         app,

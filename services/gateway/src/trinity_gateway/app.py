@@ -14,7 +14,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 
 from trinity_common import broker
 from trinity_common.database import apply_migrations, create_pool
-from trinity_common.queues import QUEUES, load_queue_settings
+from trinity_common.queues import load_all_queue_settings
 from trinity_common.reaper import ExhaustedJobReaper
 from trinity_common.status import StatusProjector
 from trinity_gateway.analyses import AnalysisController
@@ -38,7 +38,7 @@ _MULTIPART_SLACK_BYTES = 64 * 1024
 
 def create_app(settings: GatewaySettings, *, env: Mapping[str, str]) -> Litestar:
     """Build the gateway for ``settings``; queue overrides are read from ``env``."""
-    queues = {name: load_queue_settings(name, env) for name in QUEUES}
+    queues = load_all_queue_settings(env)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

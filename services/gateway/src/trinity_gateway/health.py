@@ -55,9 +55,7 @@ class HealthController(Controller):
         """Answer 200 while the event loop runs."""
         return HealthResponse(status="ok", checks={})
 
-    @get(
-        "/ready", responses={503: ResponseSpec(HealthResponse, description="a dependency is down")}
-    )
+    @get("/ready", responses=_DOWN)
     async def get_ready(self, state: State) -> Response[HealthResponse]:
         """Answer 200 when NATS and PostgreSQL answer, else 503 naming what is down."""
         return _answer(await _checks(state))

@@ -92,7 +92,7 @@ def _problem_of(item: dict[str, Any]) -> Problem:
     if source != "body":
         return Problem(field=f"{source}.{_CLIENT_NAMES.get(key, key)}", message=_bare(key, message))
     path = key.removeprefix("$.")
-    if message == f"'{key}'" and key == _BODY:
+    if key == _BODY and _is_missing(key, message):
         return Problem(field="body", message="required, and missing")
     if found := _OBJECT_FIELD.match(message):
         holder = "" if path in (_BODY, "$") else path
@@ -107,9 +107,13 @@ def _problem_of(item: dict[str, Any]) -> Problem:
     return Problem(field=path, message=_bare(key, message))
 
 
+def _is_missing(key: str, message: str) -> bool:
+    # Litestar reports a missing parameter or body as the bare repr of its name.
+    return message == f"'{key}'"
+
+
 def _bare(key: str, message: str) -> str:
-    # Litestar reports a missing parameter as the bare repr of its name.
-    return "required, and missing" if message == f"'{key}'" else message
+    return "required, and missing" if _is_missing(key, message) else message
 
 
 def _problems_of(
@@ -119,7 +123,11 @@ def _problems_of(
     items = [item for item in extra if isinstance(item, dict)]
     if request is not None and _body_is_optional(request):
         # Litestar lists an optional body left out beside any other problem.
-        items = [i for i in items if not (i.get("key") == _BODY and i.get("message") == "'data'")]
+        items = [
+            i
+            for i in items
+            if not (i.get("key") == _BODY and _is_missing(_BODY, str(i.get("message"))))
+        ]
     return [_problem_of(item) for item in items]
 
 
@@ -159,8 +167,6 @@ def _or_malformed_body(detail: str, problems: list[Problem]) -> list[Problem]:
 
 # What msgspec says of JSON it cannot decode, where it does not say it is JSON.
 _TERSE_DECODE_ERRORS = {"Input data was truncated": "the body ends before the JSON does"}
-
-
 _MALFORMED = "JSON is malformed: "
 
 
