@@ -1,13 +1,45 @@
-"""Planning sleeper jobs and reading what became of them, for the delivery tests."""
+"""Starting sleepers, planning their jobs and reading what became of them, for the e2e tests."""
 
 from __future__ import annotations
 
 import secrets
 from typing import TYPE_CHECKING
 
+from trinity_common.devstack import free_port
+
 if TYPE_CHECKING:
     import asyncpg
     import httpx
+
+    from tests.conftest import Services
+    from trinity_common.devstack.services import ServiceProcess
+
+SLEEPER = "tests.e2e.sleeper"
+"""The module a sleeper service runs as."""
+
+STARTUP_TIMEOUT_S = 30.0
+"""Long enough for a sleeper to connect, migrate, bind its consumer and fetch."""
+
+
+async def start_sleepers(services: Services, count: int, **env: str) -> list[ServiceProcess]:
+    """Start ``count`` sleepers side by side and return once all consume the queue.
+
+    A worker is ready once a fetch of its own has reached NATS, so waiting for
+    readiness is waiting for it to consume.
+    """
+    ports = [free_port() for _ in range(count)]
+    processes = [
+        await services.start(SLEEPER, TRINITY_WORKER_HEALTH_PORT=str(port), **env) for port in ports
+    ]
+    for process, port in zip(processes, ports, strict=True):
+        await process.wait_ready(port, timeout_s=STARTUP_TIMEOUT_S)
+    return processes
+
+
+async def start_sleeper(services: Services, **env: str) -> ServiceProcess:
+    """Start a sleeper and return once it consumes the analysis queue."""
+    (process,) = await start_sleepers(services, 1, **env)
+    return process
 
 
 async def plan_job(db: asyncpg.Pool, *, sleep_s: float, fail_first: int = 0) -> str:

@@ -10,24 +10,17 @@ from __future__ import annotations
 import signal
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import pytest
 
-from tests.e2e.plans import plan_job, submit
-from tests.e2e.sleeper import SLEEPER_TABLES
+from tests.e2e.plans import plan_job, start_sleeper, submit
 from tests.support import wait_for_job
-from trinity_common.devstack import free_port
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
+    import asyncpg
     import httpx
 
     from tests.conftest import Services
-    from trinity_common.devstack import Database
-    from trinity_common.devstack.services import ServiceProcess
 
-SLEEPER = "tests.e2e.sleeper"
 
 # Ack wait is timeout + margin = 5 s: a killed worker's job runs again about 5 s
 # after its last heartbeat. Each job sleeps 3 s, inside the timeout.
@@ -38,26 +31,12 @@ QUEUE_ENV = {
 }
 SLEEP_S = 3.0
 
-STARTUP_TIMEOUT_S = 30.0
-"""Long enough for a sleeper to connect, migrate, bind its consumer and fetch."""
-
 
 @pytest.fixture
-async def db(database: Database, services: Services) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on the test's database, migrated by the gateway, with the sleeper's tables."""
+async def db(db: asyncpg.Pool, services: Services) -> asyncpg.Pool:
+    """The sleeper's pool, once the gateway has migrated the database for the plan rows."""
     await services.start_gateway(**QUEUE_ENV)
-    pool = await asyncpg.create_pool(database.url, min_size=1, max_size=2)
-    await pool.execute(SLEEPER_TABLES)
-    yield pool
-    await pool.close()
-
-
-async def start_sleeper(services: Services) -> ServiceProcess:
-    """Start a sleeper and return once it consumes the analysis queue."""
-    port = free_port()
-    process = await services.start(SLEEPER, TRINITY_WORKER_HEALTH_PORT=str(port), **QUEUE_ENV)
-    await process.wait_ready(port, timeout_s=STARTUP_TIMEOUT_S)
-    return process
+    return db
 
 
 async def running_job(client: httpx.AsyncClient, db: asyncpg.Pool) -> str:
@@ -75,12 +54,12 @@ def history(job: dict[str, Any]) -> list[tuple[int, str | None, dict[str, str] |
 async def test_attempt_of_a_killed_worker_reads_lost_once_the_job_runs_again(
     services: Services, db: asyncpg.Pool
 ) -> None:
-    first = await start_sleeper(services)
+    first = await start_sleeper(services, **QUEUE_ENV)
     async with services.client() as client:
         job_id = await running_job(client, db)
 
         await first.kill()
-        await start_sleeper(services)
+        await start_sleeper(services, **QUEUE_ENV)
         job = await wait_for_job(client, job_id, timeout_s=40)
 
     assert (job["state"], job["attempt"]) == ("succeeded", 2)
@@ -94,14 +73,14 @@ async def test_attempt_of_a_killed_worker_reads_lost_once_the_job_runs_again(
 async def test_job_handed_back_on_sigterm_reads_queued_until_another_worker_runs_it(
     services: Services, db: asyncpg.Pool
 ) -> None:
-    first = await start_sleeper(services)
+    first = await start_sleeper(services, **QUEUE_ENV)
     async with services.client() as client:
         job_id = await running_job(client, db)
 
         first.signal(signal.SIGTERM)
         exit_status = await first.wait(10)
         queued = await wait_for_job(client, job_id, states=frozenset({"queued"}), timeout_s=10)
-        await start_sleeper(services)
+        await start_sleeper(services, **QUEUE_ENV)
         done = await wait_for_job(client, job_id, timeout_s=30)
 
     assert exit_status == 0

@@ -20,24 +20,22 @@ import signal
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import httpx
 import pytest
 
-from tests.e2e.plans import plan_job, result_counts, submit
-from tests.e2e.sleeper import SLEEPER_TABLES
+from tests.e2e.plans import plan_job, result_counts, start_sleeper, start_sleepers, submit
 from tests.support import eventually, wait_for_job
 from trinity_common import names
-from trinity_common.devstack import free_port
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import Awaitable, Callable
+
+    import asyncpg
 
     from tests.conftest import Services
-    from trinity_common.devstack import Database, NatsServer
+    from trinity_common.devstack import NatsServer
     from trinity_common.devstack.services import ServiceProcess
 
-SLEEPER = "tests.e2e.sleeper"
 
 # Ack wait is timeout + margin = 10 s: a job whose worker died is redelivered
 # about 10 s after its last heartbeat, instead of the default 150 s.
@@ -49,7 +47,6 @@ QUEUE_ENV = {
 }
 
 # Long enough for a sleeper to connect, migrate, bind its consumer and fetch.
-STARTUP_TIMEOUT_S = 30.0
 
 # The quiet-spell test: idle workers side by side, and the empty polls each
 # makes (about one a second). More loops polling make a rare fault show.
@@ -58,36 +55,6 @@ QUIET_POLLS = 40
 
 # Bursts of jobs the busy-worker test sends, each at a different polling phase.
 BURSTS = 6
-
-
-@pytest.fixture
-async def db(database: Database) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on the test's database, with the sleeper's tables created."""
-    pool = await asyncpg.create_pool(database.url, min_size=1, max_size=2)
-    await pool.execute(SLEEPER_TABLES)
-    yield pool
-    await pool.close()
-
-
-async def start_sleeper(services: Services, **env: str) -> ServiceProcess:
-    """Start a sleeper and return once it consumes the analysis queue."""
-    (process,) = await start_sleepers(services, 1, **env)
-    return process
-
-
-async def start_sleepers(services: Services, count: int, **env: str) -> list[ServiceProcess]:
-    """Start ``count`` sleepers side by side and return once all consume the queue.
-
-    A worker is ready once a fetch of its own has reached NATS, so waiting for
-    readiness is waiting for it to consume.
-    """
-    ports = [free_port() for _ in range(count)]
-    processes = [
-        await services.start(SLEEPER, TRINITY_WORKER_HEALTH_PORT=str(port), **env) for port in ports
-    ]
-    for process, port in zip(processes, ports, strict=True):
-        await process.wait_ready(port, timeout_s=STARTUP_TIMEOUT_S)
-    return processes
 
 
 def tail(process: ServiceProcess) -> str:

@@ -19,23 +19,17 @@ import asyncio
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import pytest
 
-from tests.e2e.plans import plan_job, result_counts, submit
-from tests.e2e.sleeper import SLEEPER_TABLES
-from tests.support import eventually, wait_for_job
+from tests.e2e.plans import plan_job, result_counts, start_sleepers, submit
+from tests.support import wait_for_job
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
+    import asyncpg
     import httpx
 
     from tests.conftest import Services
-    from trinity_common.devstack import Database
-    from trinity_common.devstack.services import ServiceProcess
 
-SLEEPER = "tests.e2e.sleeper"
 SLEEPERS = 2
 JOBS = 8
 JOB_SLEEP_S = 3.0
@@ -46,35 +40,11 @@ QUEUE_ENV = {
     "TRINITY_QUEUE_ANALYSIS_ACK_MARGIN_S": "1",
 }
 
-STARTUP_TIMEOUT_S = 30.0
 # Eight 3 s jobs on two one-at-a-time processes take about 12 s.
 JOBS_DEADLINE_S = 60.0
 
 # What each job's status document, runs and result rows must show.
 RAN_ONCE = {"state": "succeeded", "attempt": 1, "runs": [(1, "succeeded")], "results": 1}
-
-
-@pytest.fixture
-async def db(database: Database) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on the test's database, with the sleeper's tables created."""
-    pool = await asyncpg.create_pool(database.url, min_size=1, max_size=2)
-    await pool.execute(SLEEPER_TABLES)
-    yield pool
-    await pool.close()
-
-
-async def start_sleepers(services: Services, count: int) -> list[ServiceProcess]:
-    """Start ``count`` sleepers side by side and return once all consume the queue."""
-    processes = [await services.start(SLEEPER, **QUEUE_ENV) for _ in range(count)]
-
-    async def consuming() -> bool | None:
-        for process in processes:
-            if process.returncode is not None:
-                raise AssertionError(f"sleeper exited with {process.returncode}")
-        return all('"event":"service started"' in p.output() for p in processes) or None
-
-    await eventually(consuming, timeout_s=STARTUP_TIMEOUT_S, what="the sleepers to consume")
-    return processes
 
 
 async def wait_for_jobs(client: httpx.AsyncClient, job_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -110,7 +80,7 @@ async def test_each_job_runs_once_when_two_workers_share_jobs_longer_than_their_
     services: Services, db: asyncpg.Pool
 ) -> None:
     await services.start_gateway(**QUEUE_ENV)
-    await start_sleepers(services, SLEEPERS)
+    await start_sleepers(services, SLEEPERS, **QUEUE_ENV)
     datasets = [await plan_job(db, sleep_s=JOB_SLEEP_S) for _ in range(JOBS)]
 
     async with services.client() as client:

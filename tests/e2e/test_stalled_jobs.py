@@ -5,20 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import pytest
 
 from tests.e2e.plans import plan_job
-from tests.e2e.sleeper import SLEEPER_TABLES
 from tests.support import eventually
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
+    import asyncpg
     import httpx
 
     from tests.conftest import Services
-    from trinity_common.devstack import Database
 
 # One attempt only, a short ack deadline (4 s + 1 s), heartbeats under a second.
 QUEUE_ENV = {
@@ -29,12 +25,10 @@ QUEUE_ENV = {
 
 
 @pytest.fixture
-async def db(database: Database, services: Services) -> AsyncIterator[asyncpg.Pool]:
-    await services.start_gateway(**QUEUE_ENV)  # applies the schema the plan rows need
-    pool = await asyncpg.create_pool(database.url, min_size=1, max_size=2)
-    await pool.execute(SLEEPER_TABLES)
-    yield pool
-    await pool.close()
+async def db(db: asyncpg.Pool, services: Services) -> asyncpg.Pool:
+    """The sleeper's pool, once the gateway has migrated the database for the plan rows."""
+    await services.start_gateway(**QUEUE_ENV)
+    return db
 
 
 async def job_in(client: httpx.AsyncClient, job_id: str, *states: str) -> dict[str, Any] | None:
